@@ -9,7 +9,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .meta import API_VERSION, ApiModel, Conditions, DnsLabel, Fraction, ObjectMeta, Quantity, Sha256, cel
 
@@ -91,6 +91,12 @@ class Verification(ApiModel):
         default=0.0, description="Share of single-replica shards re-run on a second car to audit it."
     )
 
+    @model_validator(mode="after")
+    def _quorum_fits(self) -> Verification:
+        if self.quorum > self.replicas:
+            raise ValueError("quorum must not exceed replicas")
+        return self
+
 
 class Budget(ApiModel):
     max_energy_kwh: float | None = Field(default=None, gt=0.0, alias="maxEnergyKWh")
@@ -108,11 +114,9 @@ class FleetJobSpec(ApiModel):
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 cel(
-                    "!has(self.parallelism) || !has(self.input) || self.parallelism >= 1",
-                    "parallelism must be at least 1",
-                ),
-                cel(
-                    "self.resources.accelerator == 0 || size(self.placement.acceleratorTypes) > 0",
+                    "!has(self.resources) || !has(self.resources.accelerator) || self.resources.accelerator == 0"
+                    " || (has(self.placement) && has(self.placement.acceleratorTypes)"
+                    " && size(self.placement.acceleratorTypes) > 0)",
                     "placement.acceleratorTypes must name at least one type when resources.accelerator > 0",
                     ".placement.acceleratorTypes",
                 ),
@@ -133,6 +137,14 @@ class FleetJobSpec(ApiModel):
     output: Output | None = None
     suspend: bool = False
     priority: int = Field(default=0, ge=-1000, le=1000)
+
+    @model_validator(mode="after")
+    def _accelerator_needs_types(self) -> FleetJobSpec:
+        if self.resources.accelerator > 0 and not self.placement.accelerator_types:
+            raise ValueError(
+                "placement.acceleratorTypes must name at least one type when resources.accelerator > 0"
+            )
+        return self
 
 
 class ShardCounts(ApiModel):

@@ -6,11 +6,12 @@ taints in force and energy. Only pseudonymous ids and coarse regions live here: 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from .meta import (
     API_VERSION,
@@ -25,6 +26,7 @@ from .meta import (
 from .taints import Taint
 
 KIND = "VehicleNode"
+_VIN = re.compile(r"^[a-hj-npr-z0-9]{17}$")
 PLURAL = "vehiclenodes"
 
 # A VIN is 17 characters of [A-HJ-NPR-Z0-9]; a vehicleId shaped like one is refused so none slips in.
@@ -112,6 +114,12 @@ class AvailabilityWindow(ApiModel):
     start: HHMM
     end: HHMM
 
+    @model_validator(mode="after")
+    def _distinct(self) -> AvailabilityWindow:
+        if self.start == self.end:
+            raise ValueError("start and end must differ")
+        return self
+
 
 class Policy(ApiModel):
     """The owner's rules. Fleetlet never breaks them; the car agent enforces the hard limits itself."""
@@ -167,6 +175,22 @@ class Policy(ApiModel):
         default=5.0, ge=0.0, le=200.0, alias="maxEnergyPerDayKWh", description="Work energy cap per local day."
     )
 
+    @model_validator(mode="after")
+    def _limits_ordered(self) -> Policy:
+        # Mirrors the CEL rules above, so Python callers get the same answer as the API server.
+        if self.hard_max_battery_temperature_c <= self.max_battery_temperature_c:
+            raise ValueError("hardMaxBatteryTemperatureC must be above maxBatteryTemperatureC (the soft limit)")
+        if self.hard_max_compute_temperature_c <= self.max_compute_temperature_c:
+            raise ValueError("hardMaxComputeTemperatureC must be above maxComputeTemperatureC (the soft limit)")
+        if self.min_state_of_charge - self.critical_margin < self.hard_min_state_of_charge - 1e-9:
+            raise ValueError("minStateOfCharge - criticalMargin must not be below hardMinStateOfCharge")
+        return self
+
+    @property
+    def stop_state_of_charge(self) -> float:
+        """Below this the car stops running work (NoExecute): the floor minus the margin, never under the hard floor."""
+        return max(self.min_state_of_charge - self.critical_margin, self.hard_min_state_of_charge)
+
 
 class Owner(ApiModel):
     id: DnsLabel = Field(description="Pseudonymous owner id.")
@@ -186,6 +210,13 @@ class VehicleNodeSpec(ApiModel):
     hardware: Hardware
     policy: Policy = Field(default_factory=Policy)
     paused: bool = Field(default=False, description="Owner opt-out: no new work, running work drains.")
+
+    @field_validator("vehicle_id")
+    @classmethod
+    def _not_a_vin(cls, value: str) -> str:
+        if _VIN.match(value):
+            raise ValueError(_NOT_A_VIN["message"])
+        return value
 
 
 DriveState = Literal["Parked", "Preparing", "Driving", "Unknown"]

@@ -6,7 +6,8 @@
 # so `go install k8s.io/kubernetes/cmd/...@vX` is refused (golang/go#44840). A module that requires
 # k8s.io/kubernetes and replaces each staging module with its published v0.Y.Z builds with plain `go build`.
 #
-# Usage: hack/build-control-plane.sh            builds (or reuses) the pinned versions and prints the bin dir
+# Usage: build_control_plane.sh            builds (or reuses) the pinned versions and prints the bin dir
+#        build_control_plane.sh --check    prints the bin dir if the build is cached, else exits 1
 # Env:   FLEETLET_CACHE      cache root (default ~/.cache/fleetlet)
 #        FLEETLET_K8S_VERSION / FLEETLET_ETCD_VERSION override the pins below.
 set -euo pipefail
@@ -29,7 +30,12 @@ if have_all; then
   echo "$BIN"
   exit 0
 fi
+if [ "${1:-}" = "--check" ]; then
+  echo "control plane not built yet (expected in $BIN); run: make control-plane" >&2
+  exit 1
+fi
 
+export PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "error: go is not on PATH; install Go >= 1.24 (the tool directive needs it)" >&2; exit 1; }
 
 log() { echo "[build-control-plane] $*" >&2; }

@@ -1,0 +1,156 @@
+"""Against the real API server: the generated CRDs install and become Established, valid objects are stored and
+shown with their printer columns, and invalid ones are refused at admission with a message naming the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import EXAMPLES, fleetjob_body, vehiclenode_body
+from tests.integration.conftest import Cluster
+
+pytestmark = pytest.mark.integration
+
+
+def _apply(cluster: Cluster, body: dict[str, Any], check: bool = True) -> Any:
+    return cluster.kubectl("apply", "-f", "-", input=json.dumps(body), check=check)
+
+
+def test_crds_are_established(crds_installed: Cluster) -> None:
+    out = crds_installed.kubectl("get", "crd", "-o", "json").stdout
+    crds = {c["metadata"]["name"]: c for c in json.loads(out)["items"]}
+    for name in ("vehiclenodes.fleetlet.io", "fleetjobs.fleetlet.io"):
+        conds = {c["type"]: c["status"] for c in crds[name]["status"]["conditions"]}
+        assert conds["Established"] == "True" and conds["NamesAccepted"] == "True"
+
+
+def test_examples_apply_and_read_back_with_defaults(crds_installed: Cluster) -> None:
+    crds_installed.kubectl("apply", "-f", str(EXAMPLES))
+    car = json.loads(crds_installed.kubectl("get", "vehiclenode", "car-0002", "-o", "json").stdout)
+    # Defaults come from the generated schema, applied by the API server itself.
+    assert car["spec"]["policy"]["minStateOfCharge"] == 0.5
+    assert car["spec"]["policy"]["requirePluggedIn"] is True
+    assert car["spec"]["paused"] is False
+    job = json.loads(crds_installed.kubectl("get", "fleetjob", "digits", "-n", "default", "-o", "json").stdout)
+    assert job["spec"]["verification"] == {"replicas": 2, "quorum": 2, "spotCheckRate": 0.0}
+    assert job["spec"]["model"]["runtime"] == "onnx"
+
+
+def test_kubectl_get_shows_printer_columns_and_short_names(crds_installed: Cluster) -> None:
+    crds_installed.kubectl("apply", "-f", str(EXAMPLES))
+    status = {
+        "telemetry": {
+            "stateOfCharge": 0.81, "pluggedIn": True, "charging": False, "driveState": "Parked",
+            "batteryTemperatureC": 21.5, "computeTemperatureC": 35.0, "linkQuality": 0.9,
+            "observedAt": "2026-11-23T10:00:00Z",
+        },
+        "conditions": [{
+            "type": "Schedulable", "status": "True", "reason": "ReadyForWork", "message": "",
+            "lastTransitionTime": "2026-11-23T10:00:00Z",
+        }],
+    }
+    crds_installed.kubectl(
+        "patch", "vehiclenode", "car-0001", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )
+    rows = _table(crds_installed.kubectl("get", "vn").stdout)
+    assert list(rows[0]) == ["NAME", "REGION", "SOC", "PLUGGED", "DRIVE", "CONNECTED", "SCHEDULABLE", "AGE"]
+    car = next(r for r in rows if r["NAME"] == "car-0001")
+    assert (car["REGION"], car["SOC"], car["PLUGGED"], car["DRIVE"]) == ("eu-west", "0.81", "true", "Parked")
+    assert car["CONNECTED"] == "" and car["SCHEDULABLE"] == "True"  # no Connected condition yet: blank
+    wide = _table(crds_installed.kubectl("get", "vn", "-o", "wide").stdout)
+    assert next(r for r in wide if r["NAME"] == "car-0001")["REASON"] == "ReadyForWork"
+    jobs = crds_installed.kubectl("get", "fj", "-A").stdout
+    assert jobs.splitlines()[0].split()[:4] == ["NAMESPACE", "NAME", "PHASE", "SHARDS"]
+    assert any(line.split()[1] == "digits" for line in jobs.splitlines()[1:])
+    assert "digits" in crds_installed.kubectl("get", "fleetlet", "-A").stdout  # the category
+
+
+def _table(text: str) -> list[dict[str, str]]:
+    """kubectl's table as dicts, cut at the header's column offsets (blank cells stay blank)."""
+    lines = text.splitlines()
+    header = lines[0]
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    names = header.split()
+    bounds = list(zip(starts, [*starts[1:], None], strict=True))
+    return [{n: line[a:b].strip() for n, (a, b) in zip(names, bounds, strict=True)} for line in lines[1:]]
+
+
+def _with(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    node = body
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(keys[-1])
+    else:
+        node[keys[-1]] = value
+    return body
+
+
+# (what is wrong, body, words the API server's message must contain)
+REJECTED = [
+    ("negative shard size", _with(fleetjob_body("bad-1"), "spec.shardSize", -5), "spec.shardSize"),
+    ("parallelism 0", _with(fleetjob_body("bad-2"), "spec.parallelism", 0), "spec.parallelism"),
+    ("quorum above replicas", _with(fleetjob_body("bad-3"), "spec.verification", {"replicas": 2, "quorum": 3}),
+     "quorum must not exceed replicas"),
+    ("unknown runtime", _with(fleetjob_body("bad-4"), "spec.model.runtime", "docker"), "spec.model.runtime"),
+    ("malformed sha256", _with(fleetjob_body("bad-5"), "spec.model.sha256", "xyz"), "spec.model.sha256"),
+    ("missing model", _with(fleetjob_body("bad-6"), "spec.model", None), "spec.model"),
+    ("zero items", _with(fleetjob_body("bad-7"), "spec.input.items", 0), "spec.input.items"),
+    ("accelerator without types", _with(fleetjob_body("bad-8"), "spec.resources", {"accelerator": 1}),
+     "placement.acceleratorTypes must name at least one type"),
+    ("state of charge above 1", _with(vehiclenode_body("bad-car-1"), "spec.policy", {"minStateOfCharge": 1.5}),
+     "spec.policy.minStateOfCharge"),
+    ("temperature out of range",
+     _with(vehiclenode_body("bad-car-2"), "spec.policy", {"maxBatteryTemperatureC": 200}),
+     "spec.policy.maxBatteryTemperatureC"),
+    ("hard limit below soft limit",
+     _with(vehiclenode_body("bad-car-3"), "spec.policy", {"maxComputeTemperatureC": 90,
+                                                          "hardMaxComputeTemperatureC": 85}),
+     "hardMaxComputeTemperatureC must be above maxComputeTemperatureC"),
+    ("a VIN as vehicle id", _with(vehiclenode_body("bad-car-4"), "spec.vehicleId", "5yjsa1e26hf000337"),
+     "not a VIN"),
+    ("negative battery capacity",
+     _with(vehiclenode_body("bad-car-5"), "spec.hardware.batteryCapacityKWh", -1), "batteryCapacityKWh"),
+    ("malformed availability window",
+     _with(vehiclenode_body("bad-car-6"), "spec.policy", {"availability": [{"start": "7am", "end": "09:00"}]}),
+     "spec.policy.availability[0].start"),
+]
+
+
+@pytest.mark.parametrize(("what", "body", "needle"), REJECTED, ids=[r[0] for r in REJECTED])
+def test_invalid_object_is_refused_at_admission(crds_installed: Cluster, what: str, body: dict[str, Any],
+                                                needle: str) -> None:
+    proc = _apply(crds_installed, body, check=False)
+    assert proc.returncode != 0, f"{what}: the API server accepted it"
+    assert needle in proc.stderr, f"{what}: message does not name the field:\n{proc.stderr}"
+    kind = body["kind"].lower()
+    ns = ["-n", body["metadata"]["namespace"]] if "namespace" in body["metadata"] else []
+    gone = crds_installed.kubectl("get", kind, body["metadata"]["name"], *ns, check=False)
+    assert gone.returncode != 0 and "NotFound" in gone.stderr
+
+
+def test_unknown_fields_are_refused_by_strict_validation(crds_installed: Cluster) -> None:
+    body = _with(fleetjob_body("bad-unknown"), "spec.shardSiz", 10)
+    proc = crds_installed.kubectl("apply", "--validate=strict", "-f", "-", input=json.dumps(body), check=False)
+    assert proc.returncode != 0
+    assert 'unknown field "spec.shardSiz"' in proc.stderr
+
+
+def test_status_is_a_subresource(crds_installed: Cluster) -> None:
+    crds_installed.kubectl("apply", "-f", "-", input=yaml.safe_dump(fleetjob_body("status-probe")))
+    # A user's spec update cannot write status: the main resource ignores it.
+    patched = _with(fleetjob_body("status-probe"), "status", {"phase": "Succeeded"})
+    crds_installed.kubectl("apply", "-f", "-", input=json.dumps(patched))
+    got = json.loads(crds_installed.kubectl("get", "fj", "status-probe", "-o", "json").stdout)
+    assert "status" not in got or got["status"].get("phase") != "Succeeded"
+    # Invalid status is refused on the subresource too.
+    bad = crds_installed.kubectl(
+        "patch", "fj", "status-probe", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"phase": "Exploded"}}), check=False,
+    )
+    assert bad.returncode != 0 and "status.phase" in bad.stderr
