@@ -1,0 +1,66 @@
+"""The car link: the messages a car and the shim exchange over their TLS WebSocket.
+
+Shared by ``fleetlet_shim.link`` (the server) and ``fleetlet_car.link`` (the car's client) so that the two ends
+cannot drift. This package holds data and pure functions only: it never opens a socket and never imports the
+shim or the car agent.
+"""
+
+from .protocol import (
+    MAX_MESSAGE_BYTES,
+    Assign,
+    Capacity,
+    CarMessage,
+    Checkpoint,
+    ContainerState,
+    Error,
+    Grant,
+    HeldAssignment,
+    Hello,
+    InputRef,
+    Log,
+    Message,
+    ModelRef,
+    Ping,
+    PodStatus,
+    Pong,
+    ProtocolError,
+    Refusal,
+    Resources,
+    Shard,
+    ShimMessage,
+    Stop,
+    TelemetryReport,
+    Welcome,
+    decode,
+    encode,
+)
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "Assign",
+    "CarMessage",
+    "Capacity",
+    "Checkpoint",
+    "ContainerState",
+    "Error",
+    "Grant",
+    "HeldAssignment",
+    "Hello",
+    "InputRef",
+    "Log",
+    "Message",
+    "ModelRef",
+    "Ping",
+    "PodStatus",
+    "Pong",
+    "ProtocolError",
+    "Refusal",
+    "Resources",
+    "Shard",
+    "ShimMessage",
+    "Stop",
+    "TelemetryReport",
+    "Welcome",
+    "decode",
+    "encode",
+]
