@@ -87,8 +87,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
         shim.link = link
         await shim.start()
         # One TLS listener for cars: the link and the artifact store (grants scope what each car may fetch).
-        car_app = make_app(store, signer)
-        car_app.add_routes(link.routes())
+        await link.start(link_host, link_port, app=make_app(store, signer))
         kubelet_app = KubeletApi(shim, kube).app()
         metrics_app = web.Application()
 
@@ -98,7 +97,6 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
         metrics_app.router.add_get("/metrics", metrics_handler)
         runners = []
         for app, host, port, ctx in (
-            (car_app, link_host, link_port, link.ssl_context),
             (kubelet_app, "0.0.0.0", args.kubelet_port, kubelet_ssl(args.kubelet_cert, args.kubelet_key,
                                                                      args.kubelet_client_ca)),
             (metrics_app, *_split(args.metrics_address), None),

@@ -83,6 +83,7 @@ class CarState:
     registered: bool = False
     held: set[str] = field(default_factory=set)  # pod uids the car runs or holds
     stopping: set[str] = field(default_factory=set)
+    generation: int = 0  # bumped on every (re)connect; a stale bring-up task sees it and stops
     telemetry: dict[str, Any] | None = None
     telemetry_written: dict[str, Any] | None = None
     telemetry_written_at: float = 0.0
@@ -136,6 +137,8 @@ class Shim:
         self._status_wakeup = asyncio.Event()
         self._telemetry_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._waiting: dict[str, Hello] = {}  # connected cars whose VehicleNode has not been seen yet
         self._pods_synced = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -171,6 +174,10 @@ class Shim:
             self.vehiclenodes.pop(name, None)
             return
         self.vehiclenodes[name] = event.object
+        waiting = self._waiting.get(name)
+        if waiting is not None and self.link is not None and self.link.is_connected(name):
+            await self.car_connected(name, waiting)
+            return
         car = self.cars.get(name)
         if car is not None:
             try:
@@ -329,34 +336,48 @@ class Shim:
 
     # ------------------------------------------------------------------ LinkHandler
     async def car_connected(self, car: str, hello: Hello) -> None:
+        # Quick by contract (the link bounds handler time): accept the car, then register it in the background.
         if not self.owns(car):
             log.warning("car %s: served by replica %d, not this one (%d)", car,
                         sharding.owner(car, self.settings.replicas), self.settings.replica)
             return
         body = self.vehiclenodes.get(car)
         if body is None:
-            try:
-                body = await self.kube.get(resource_path(API_VERSION, "vehiclenodes", name=car))
-                self.vehiclenodes[car] = body
-            except ApiError as exc:
-                log.warning("car %s: no VehicleNode (%s); its owner must register it first", car, exc.reason)
-                return
-        vn = VehicleNode.model_validate(body)
+            log.warning("car %s: no VehicleNode yet; it is served as soon as its owner registers it", car)
+            self._waiting[car] = hello
+            return
+        self._waiting.pop(car, None)
+        try:
+            vn = VehicleNode.model_validate(body)
+        except ValueError as exc:
+            log.warning("car %s: its VehicleNode does not parse (%s); not serving it", car, exc)
+            return
         state = self.cars.get(car)
         if state is None:
             state = CarState(name=car, vn=vn, hello=hello)
             self.cars[car] = state
         state.vn, state.hello, state.connected = vn, hello, True
+        state.generation += 1
+        # Reports about the pods bound to this car are accepted from now on (replays after a shim restart too).
+        self.link.set_assignments(car, set(self.pods_by_node.get(car, set())))
         self.metrics.cars_connected.set(sum(1 for c in self.cars.values() if c.connected))
-        await self._register(state)
-        await self._pods_synced.wait()
-        await self._reconcile_held(state, hello)
+        task = asyncio.create_task(self._bring_up(state, hello, state.generation), name=f"bring-up-{car}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _bring_up(self, car: CarState, hello: Hello, generation: int) -> None:
+        try:
+            await self._register(car)
+            if car.generation == generation and car.connected:
+                await self._reconcile_held(car, hello)
+        except Exception:
+            log.exception("car %s: bringing its Node up failed; it will be retried when the car reconnects",
+                          car.name)
 
     async def _reconcile_held(self, car: CarState, hello: Hello) -> None:
         """After (re)connecting: keep what the car holds, re-send what it lost, stop what was deleted."""
         held = {a.uid: a for a in hello.assignments}
         mine = set(self.pods_by_node.get(car.name, set()))
-        self.link.set_assignments(car.name, mine)
         car.held = set(held) & mine
         car.stopping.clear()
         for uid in held:
@@ -406,6 +427,7 @@ class Shim:
             self.logs.add(msg.uid, msg.offset, list(msg.lines))
 
     async def car_disconnected(self, car: str, reason: str) -> None:
+        self._waiting.pop(car, None)
         state = self.cars.get(car)
         if state is None:
             return
@@ -533,7 +555,9 @@ class Shim:
                 continue  # a car that stopped answering lets its Lease lapse
             if self._lease_due.get(name) != due:
                 continue  # superseded by a newer schedule (the car re-registered)
-            asyncio.create_task(self._renew_and_report(car, due))
+            task = asyncio.create_task(self._renew_and_report(car, due))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _renew_and_report(self, car: CarState, due: float) -> None:
         await self._renew_lease(car, due)

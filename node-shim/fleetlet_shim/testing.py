@@ -1,7 +1,7 @@
-"""A real fleetlet-shim process wired to the test control plane, and helpers to make cars for it.
+"""Run a real fleetlet-shim process against a local control plane, for tests, benchmarks and the demo.
 
-The shim runs as its own process under its own RBAC identity (CN=fleetlet-shim), exactly as deployed; cars are
-real TLS WebSocket clients with their own certificates from a fleet CA.
+The shim runs as its own process under its own RBAC identity (CN=fleetlet-shim), exactly as deployed; cars get
+real client certificates from a fleet CA made here. Never used in production paths.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from fleetlet_car.sim import make_vehicle_specs
-from fleetlet_shim import rbac
 
 from fleetlet.api.v1alpha1 import VehicleNode
+from fleetlet.localcluster import LocalCluster
 from fleetlet.localcluster.cluster import free_port
 from fleetlet.pki import CertificateAuthority, KeyPair
-from tests.integration.conftest import Cluster
+from fleetlet_shim import rbac
 
 
 @dataclass
@@ -68,13 +68,19 @@ def vehiclenodes(n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
     return bodies
 
 
-def apply_objects(cluster: Cluster, objects: list[dict[str, Any]]) -> None:
+def apply_objects(cluster: Any, objects: list[dict[str, Any]]) -> None:
+    """``kubectl apply --server-side`` of ``objects`` through ``cluster.kubectl`` (LocalCluster or a test's)."""
     cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                           "items": objects}))
 
 
-def start_shim(cluster: Cluster, work: Path, lease_renew_s: float = 5.0) -> Iterator[ShimHandle]:
-    local = cluster.local
+def start_shim(
+    cluster: Any, work: Path, lease_renew_s: float = 5.0, local: LocalCluster | None = None,
+    extra_args: list[str] | None = None, heartbeat_s: float = 5.0, dead_after_s: float = 12.0,
+) -> Iterator[ShimHandle]:
+    """Start the shim (a generator: the shim stops when it is closed). ``cluster`` has ``kubectl(*args, input=)``;
+    ``local`` is the LocalCluster whose CA signs the kubelet API certificate (default ``cluster.local``)."""
+    local = local or getattr(cluster, "local", None)
     if local is None:
         raise RuntimeError(
             "the shim integration tests run fleetlet-shim on this machine, which a kind cluster's API server "
@@ -112,7 +118,8 @@ def start_shim(cluster: Cluster, work: Path, lease_renew_s: float = 5.0) -> Iter
         "--grant-key-file", str(work / "grant.key"),
         "--metrics-address", f"127.0.0.1:{metrics_port}",
         "--lease-renew-seconds", str(lease_renew_s),
-        "--link-heartbeat-seconds", "5", "--link-dead-after-seconds", "12",
+        "--link-heartbeat-seconds", str(heartbeat_s), "--link-dead-after-seconds", str(dead_after_s),
+        *(extra_args or []),
     ]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -167,9 +167,10 @@ class LinkServer:
     def routes(self) -> list[web.RouteDef]:
         return [web.get(self.config.path, self._handle)]
 
-    async def start(self, host: str = "0.0.0.0", port: int = 0) -> int:
-        """Serve on ``host:port`` (0 = any free port); returns the bound port."""
-        app = web.Application()
+    async def start(self, host: str = "0.0.0.0", port: int = 0, app: web.Application | None = None) -> int:
+        """Serve on ``host:port`` (0 = any free port); returns the bound port. ``app`` lets other car-facing
+        routes (the artifact store) share the listener and its small TLS buffers."""
+        app = app if app is not None else web.Application()
         app.add_routes(self.routes())
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
