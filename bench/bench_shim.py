@@ -66,6 +66,17 @@ def writes(metrics: dict[str, float]) -> float:
                if k.startswith("fleetlet_shim_api_calls_total{") and any(f'verb="{m}"' in k for m in ("PATCH", "POST", "PUT", "DELETE")))
 
 
+def write_calls(m0: dict[str, float], m1: dict[str, float]) -> dict[str, float]:
+    """Mutating API calls during the window, by verb/resource/code."""
+    out = {}
+    for key, value in m1.items():
+        if key.startswith("fleetlet_shim_api_calls_total{") and any(f'verb="{v}"' in key for v in ("PATCH", "POST", "PUT", "DELETE")):
+            delta = value - m0.get(key, 0.0)
+            if delta:
+                out[key.split("{", 1)[1].rstrip("}")] = delta
+    return out
+
+
 def not_ready(cluster: LocalCluster, prefix: str) -> tuple[int, int]:
     out = cluster.kubectl("get", "nodes", "-l", "fleetlet.io/vehicle=true", "-o",
                           "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}")
@@ -123,7 +134,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             registration_s = time.monotonic() - t0
             total, bad = await asyncio.to_thread(not_ready, cluster, "bench-")
             print(f"[{target} cars] all Ready in {registration_s:.1f}s ({add / registration_s:.0f} cars/s); "
-                  f"soaking {args.soak}s", file=sys.stderr, flush=True)
+                  f"settling {args.renew:.0f}s, then soaking {args.soak}s", file=sys.stderr, flush=True)
+            await asyncio.sleep(args.renew)  # one renewal period: the soak sees the steady state only
             m0, cpu0, t_soak = shim.metrics(), proc_cpu_seconds(pid), time.monotonic()
             worst_not_ready = 0
             while time.monotonic() - t_soak < args.soak:
@@ -145,6 +157,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "lease_renewal_lag_p99_seconds_cumulative": histogram_quantile(m1, "fleetlet_shim_lease_renewal_lag_seconds", 0.99),
                 "api_writes_per_car_per_minute": round((writes(m1) - writes(m0)) / target / (elapsed / 60), 3),
                 "mutating_api_p99_seconds_cumulative": histogram_quantile(m1, "fleetlet_shim_api_call_seconds", 0.99, 'verb="PATCH"'),
+                "api_write_calls": write_calls(m0, m1),
                 "shim_cpu_cores": round((cpu1 - cpu0) / elapsed, 3),
                 "shim_cpu_cores_per_1000_cars": round((cpu1 - cpu0) / elapsed / target * 1000, 4),
                 "shim_rss_mib": round(rss, 1),

@@ -392,6 +392,7 @@ class Shim:
         endpoint = nodes.Endpoint(self.settings.advertise_address, self.settings.kubelet_port)
         status = nodes.node_status(car.vn, endpoint, self.settings.max_pods_per_car, True, "CarConnected",
                                    "the car's link is up and it reports to this shim", now)
+        new_node = True
         try:
             async with self._api:
                 created = await self.kube.create(
@@ -401,6 +402,7 @@ class Shim:
                 )
             car.node_uid = created["metadata"]["uid"]
         except ApiError as exc:
+            new_node = False
             if not exc.conflict:
                 raise
             async with self._api:
@@ -410,9 +412,9 @@ class Shim:
                     FIELD_MANAGER,
                 )
             car.node_uid = applied["metadata"]["uid"]
-        car.registered = True
         car.status_written_at = time.monotonic()
-        await self._renew_lease(car, due=time.monotonic())
+        await self._renew_lease(car, due=time.monotonic(), create=new_node)
+        car.registered = True  # Node, status and Lease are all written
         self._update_ready_gauge()
 
     async def car_message(self, car: str, msg: CarMessage) -> None:
@@ -507,23 +509,26 @@ class Shim:
         self.metrics.telemetry_writes.inc()
 
     # ------------------------------------------------------------------ leases
-    async def _renew_lease(self, car: CarState, due: float) -> None:
+    async def _renew_lease(self, car: CarState, due: float, create: bool = False) -> None:
+        """One write: PATCH the renewTime (or POST the Lease when ``create``; each falls back to the other)."""
         name = car.name
         now = datetime.now(UTC)
-        path = resource_path("coordination.k8s.io/v1", "leases", nodes.NODE_LEASE_NAMESPACE, name)
+        leases = resource_path("coordination.k8s.io/v1", "leases", nodes.NODE_LEASE_NAMESPACE)
+        body = nodes.lease_manifest(name, car.node_uid, self.settings.lease_duration_s, now)
         try:
             async with self._api:
                 try:
-                    await self.kube.patch(path, {"spec": {"renewTime": nodes.micro_time(now),
-                                                          "holderIdentity": name,
-                                                          "leaseDurationSeconds": self.settings.lease_duration_s}})
+                    if create:
+                        await self.kube.create(leases, body)
+                    else:
+                        await self.kube.patch(f"{leases}/{name}", {"spec": body["spec"]})
                 except ApiError as exc:
-                    if not exc.not_found:
+                    if create and exc.conflict:
+                        await self.kube.patch(f"{leases}/{name}", {"spec": body["spec"]})
+                    elif not create and exc.not_found:
+                        await self.kube.create(leases, body)
+                    else:
                         raise
-                    await self.kube.create(
-                        resource_path("coordination.k8s.io/v1", "leases", nodes.NODE_LEASE_NAMESPACE),
-                        nodes.lease_manifest(name, car.node_uid, self.settings.lease_duration_s, now),
-                    )
             self.metrics.lease_renewals.inc()
             self.metrics.lease_lag.observe(max(0.0, time.monotonic() - due))
         except ApiError as exc:
