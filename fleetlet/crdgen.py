@@ -186,11 +186,27 @@ def all_crds() -> dict[str, dict[str, Any]]:
     }
 
 
+def runtime_class() -> dict[str, Any]:
+    """The RuntimeClass shard pods name. Its scheduling section adds the toleration of the vehicle taint and
+    a car node selector to every pod that uses it, so a pod asks for a car with one field."""
+    from fleetlet.api.v1alpha1 import taints
+
+    return {
+        "apiVersion": "node.k8s.io/v1",
+        "kind": "RuntimeClass",
+        "metadata": {"name": taints.RUNTIME_CLASS_ONNX, "labels": {"app.kubernetes.io/part-of": "fleetlet"}},
+        "handler": "onnx",
+        "scheduling": {
+            "nodeSelector": {taints.LABEL_VEHICLE: "true"},
+            "tolerations": [{"key": taints.VEHICLE, "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    }
+
+
 def render() -> dict[str, str]:
     """File name -> file text, including kustomization.yaml."""
-    files = {
-        name: _HEADER + yaml.safe_dump(obj, sort_keys=False, width=120) for name, obj in all_crds().items()
-    }
+    objects = {**all_crds(), f"runtimeclass-{runtime_class()['metadata']['name']}.yaml": runtime_class()}
+    files = {name: _HEADER + yaml.safe_dump(obj, sort_keys=False, width=120) for name, obj in objects.items()}
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
