@@ -185,12 +185,14 @@ class KubeClient:
         retry: RetryPolicy = RetryPolicy(),
         max_connections: int = 64,
         observer: CallObserver | None = None,
+        on_retry: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
         self.retry = retry
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._observer = observer
+        self._on_retry = on_retry
 
     async def __aenter__(self) -> KubeClient:
         await self.open()
@@ -252,6 +254,7 @@ class KubeClient:
                         last = err
                         retry_after = resp.headers.get("Retry-After")
                         if attempt + 1 < policy.attempts:
+                            self._retrying(method, resource)
                             await asyncio.sleep(policy.delay(attempt, float(retry_after) if retry_after else None))
                             continue
                     raise err
@@ -259,10 +262,15 @@ class KubeClient:
                 self._observe(method, resource, 0, started)
                 last = exc
                 if attempt + 1 < policy.attempts:
+                    self._retrying(method, resource)
                     await asyncio.sleep(policy.delay(attempt))
                     continue
         assert last is not None
         raise last
+
+    def _retrying(self, verb: str, resource: str) -> None:
+        if self._on_retry is not None:
+            self._on_retry(verb, resource)
 
     def _observe(self, verb: str, resource: str, status: int, started: float) -> None:
         if self._observer is not None:

@@ -75,7 +75,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     )
     signer = GrantSigner(await asyncio.to_thread(Path(args.grant_key_file).read_bytes))
     store = BlobStore(args.artifact_dir)
-    async with KubeClient(KubeConfig.load(args.kubeconfig), observer=metrics.observe_call) as kube:
+    async with KubeClient(KubeConfig.load(args.kubeconfig), observer=metrics.observe_call,
+                          on_retry=metrics.observe_retry) as kube:
         shim = Shim(kube, signer, metrics, settings)
         link = LinkServer(
             shim,

@@ -25,6 +25,10 @@ class ShimMetrics:
             "fleetlet_shim_api_errors_total", "API calls that failed (transport, 429, 5xx)", ["verb", "resource"],
             registry=registry,
         )
+        self.api_retries = Counter(
+            "fleetlet_shim_api_retries_total", "API calls retried after a transient failure", ["verb", "resource"],
+            registry=registry,
+        )
         self.api_seconds = Histogram(
             "fleetlet_shim_api_call_seconds", "API call latency", ["verb"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=registry,
@@ -39,6 +43,9 @@ class ShimMetrics:
             "fleetlet_shim_telemetry_coalesced_total", "Telemetry reports folded into a later write",
             registry=registry,
         )
+
+    def observe_retry(self, verb: str, resource: str) -> None:
+        self.api_retries.labels(verb, resource).inc()
 
     def observe_call(self, verb: str, resource: str, status: int, seconds: float) -> None:
         self.api_calls.labels(verb, resource, str(status)).inc()

@@ -156,5 +156,25 @@ def status_from_report(pod: dict[str, Any], msg: PodStatus, host_ip: str) -> dic
     return status
 
 
+def dispatched_status(pod: dict[str, Any], host_ip: str) -> dict[str, Any]:
+    """Pending, container waiting in ``ContainerCreating`` (fetching the model and input), as a kubelet says."""
+    image = pod.get("spec", {}).get("containers", [{}])[0].get("image", "")
+    ts = now_ts()
+    return {
+        "phase": "Pending",
+        "hostIP": host_ip,
+        "hostIPs": [{"ip": host_ip}],
+        "startTime": ts,
+        "conditions": [{"type": "PodReadyToStartContainers", "status": "False", "lastTransitionTime": ts},
+                       {"type": "Initialized", "status": "True", "lastTransitionTime": ts}],
+        "containerStatuses": [{
+            "name": container_name(pod), "ready": False, "started": False, "restartCount": 0,
+            "image": image, "imageID": "",
+            "state": {"waiting": {"reason": "ContainerCreating",
+                                  "message": "the car is fetching the model and input by digest"}},
+        }],
+    }
+
+
 def is_terminal(pod: dict[str, Any]) -> bool:
     return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")

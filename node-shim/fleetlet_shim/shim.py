@@ -281,6 +281,8 @@ class Shim:
         if await self.link.send(car.name, msg):
             car.held.add(uid)
             log.info("car %s: assigned pod %s/%s", car.name, msg.namespace, msg.name)
+            if not pod.get("status", {}).get("containerStatuses"):
+                self._queue_status(uid, podstatus.dispatched_status(pod, self.settings.advertise_address))
 
     async def _finish_deletion(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
