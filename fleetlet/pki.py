@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _VALIDITY = dt.timedelta(days=365)
+# The organisation every car certificate carries; the link refuses client certificates without it.
+CAR_ORGANIZATION = "fleetlet:cars"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from fleetlet_car.sim import make_vehicle_specs
 from fleetlet.api.v1alpha1 import VehicleNode
 from fleetlet.localcluster import LocalCluster
 from fleetlet.localcluster.cluster import free_port
-from fleetlet.pki import CertificateAuthority, KeyPair
+from fleetlet.pki import CAR_ORGANIZATION, CertificateAuthority, KeyPair
 from fleetlet_shim import rbac
 
 
@@ -41,7 +41,7 @@ class ShimHandle:
     cert_dir: Path
 
     def car_cert(self, name: str) -> tuple[Path, Path]:
-        pair = self.fleet_ca.issue(name, organizations=("fleetlet:cars",), client=True)
+        pair = self.fleet_ca.issue(name, organizations=(CAR_ORGANIZATION,), client=True)
         return pair.write(self.cert_dir, name)
 
     def metrics(self) -> dict[str, float]:

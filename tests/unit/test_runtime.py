@@ -414,3 +414,14 @@ async def test_fetch_outside_the_grant_is_a_403_fetch_error(tmp_path, store_serv
     with pytest.raises(FetchError) as e:
         await fetch_artifact(url, other, tmp_path / "cache")
     assert e.value.status == 403
+
+
+
+async def test_a_kill_requested_before_start_lands_as_soon_as_the_child_exists(tmp_path, long_shard):
+    """The safety reflex may fire while the sandbox is still being created: the child must never run unguarded."""
+    run = SandboxedRun(spec(tmp_path, classifier_model(tmp_path / "m.onnx"), long_shard, batch_size=1))
+    run.kill_now()  # before start: nothing to kill yet, but the request is kept
+    await run.start()
+    res = await asyncio.wait_for(run.wait(), timeout=30)
+    assert res.reason is Reason.KILLED
+    assert res.items_done < 200_000

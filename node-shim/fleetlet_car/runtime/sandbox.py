@@ -252,6 +252,7 @@ class SandboxedRun:
         self._events: asyncio.Queue[Progress | None] = asyncio.Queue()
         self._supervisor: asyncio.Task[RunResult] | None = None
         self._stop_kind: Literal["graceful", "immediate"] | None = None
+        self._kill_requested = False  # a kill before the child exists must still land (the reflex may fire early)
         self._deadline_hit = False
         self._started_at = 0.0
         # Filled from the runner's JSON lines.
@@ -317,6 +318,8 @@ class SandboxedRun:
         )
         logger.info("started sandboxed runner pid %d in %s", self._proc.pid, spec.work_dir)
         self._supervisor = asyncio.create_task(self._supervise(), name=f"sandbox-{self._proc.pid}")
+        if self._kill_requested:
+            self.kill_now()  # the stop came while the child was being created: it never runs unguarded
 
     def _prepare_work_dir(self) -> tuple[Path, Path]:
         """Create the private work dir (and seed a checkpoint); return the absolute model and input paths."""
@@ -327,7 +330,9 @@ class SandboxedRun:
         return Path(self.spec.model_path).resolve(), Path(self.spec.input_path).resolve()
 
     def kill_now(self) -> None:
-        """SIGKILL the runner's whole process group, synchronously. Cheap, no I/O; safe to call repeatedly."""
+        """SIGKILL the runner's whole process group, synchronously. Cheap, no I/O; safe to call repeatedly.
+        Called before the child exists, it is remembered and applied the moment the child is created."""
+        self._kill_requested = True
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return

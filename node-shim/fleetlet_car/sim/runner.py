@@ -35,7 +35,7 @@ import yaml
 from fleetlet.api.v1alpha1.meta import ObjectMeta
 from fleetlet.api.v1alpha1.vehiclenode import DriveState, VehicleNode, VehicleNodeSpec
 from fleetlet.carlink.protocol import Capacity
-from fleetlet.pki import CertificateAuthority, KeyPair
+from fleetlet.pki import CAR_ORGANIZATION, CertificateAuthority, KeyPair
 
 from ..agent import AgentConfig, CarAgent
 from ..link import car_ssl_context
@@ -45,7 +45,6 @@ from .fleet import SimulatedFleet, make_vehicle_specs
 
 log = logging.getLogger(__name__)
 
-CAR_ORGANIZATION = "fleetlet:cars"  # what the shim demands of a car certificate (fleetlet_shim.link.credentials)
 
 
 def capacity_of(spec: VehicleNodeSpec) -> Capacity:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
-log = logging.getLogger(__name__)
+from fleetlet.pki import CAR_ORGANIZATION  # re-exported: the link's rule, the PKI's constant
 
-CAR_ORGANIZATION = "fleetlet:cars"
+log = logging.getLogger(__name__)
 
 
 class CredentialError(Exception):
