@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -281,6 +282,14 @@ class CarAgent:
         session = self._session or self._own_session
         assert session is not None, "start() the agent first"
         return session
+
+    def _store_ssl(self, base_url: str) -> ssl.SSLContext | None:
+        """The car's own mTLS context when the store is the shim's car listener (which demands a car
+        certificate); None (the session's default) for another store, e.g. S3."""
+        store, shim = urlsplit(base_url), urlsplit(self.shim_url)
+        if (store.hostname, store.port) == (shim.hostname, shim.port):
+            return self.ssl_context
+        return None
 
     def _artifact_ssl(self) -> ssl.SSLContext:
         # The link's context trusts only the fleet CA; the store may also be a public S3 endpoint.
@@ -551,7 +560,7 @@ class CarAgent:
             url = blob_url(a.grant.base_url, digest, a.grant.token)
             try:
                 path = await fetch_artifact(
-                    url, digest, self.cache_dir, session=self.session,
+                    url, digest, self.cache_dir, session=self.session, ssl=self._store_ssl(a.grant.base_url),
                     http_timeout=aiohttp.ClientTimeout(total=self.config.http_timeout_seconds, sock_read=60),
                 )  # fmt: skip
             except DigestMismatch as e:
@@ -660,7 +669,9 @@ class CarAgent:
             if attempt:
                 await asyncio.sleep(min(2.0**attempt, 10.0))
             try:
-                async with self.session.put(url, data=data, timeout=timeout) as resp:
+                ctx = self._store_ssl(grant.base_url)
+                extra = {"ssl": ctx} if ctx is not None else {}
+                async with self.session.put(url, data=data, timeout=timeout, **extra) as resp:
                     if resp.status in (200, 201):
                         return
                     problem = f"HTTP {resp.status}: {(await resp.text())[:300]}"

@@ -39,6 +39,7 @@ class ShimHandle:
     process: subprocess.Popen[bytes]
     log_path: Path
     cert_dir: Path
+    args: list[str]
 
     def car_cert(self, name: str) -> tuple[Path, Path]:
         pair = self.fleet_ca.issue(name, organizations=(CAR_ORGANIZATION,), client=True)
@@ -52,6 +53,23 @@ class ShimHandle:
                 key, _, value = line.rpartition(" ")
                 out[key] = float(value)
         return out
+
+    def stop(self) -> None:
+        """SIGTERM the shim and wait (SIGKILL after 15 s)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def restart(self) -> None:
+        """Stop the shim and start a new process with the same flags (ports, certificates, store)."""
+        self.stop()
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_ready(self)
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -134,25 +152,25 @@ def start_shim(
         process=proc,
         log_path=log_path,
         cert_dir=work / "cars",
+        args=args,
     )
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fleetlet-shim exited with {proc.returncode}:\n{handle.log_tail()}")
-        try:
-            handle.metrics()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"fleetlet-shim did not start:\n{handle.log_tail()}") from None
-            time.sleep(0.2)
     try:
+        _wait_ready(handle)
         yield handle
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        handle.stop()
+
+
+def _wait_ready(handle: ShimHandle, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if handle.process.poll() is not None:
+            raise RuntimeError(f"fleetlet-shim exited with {handle.process.returncode}:\n{handle.log_tail()}")
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            handle.metrics()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                handle.process.kill()
+                raise RuntimeError(f"fleetlet-shim did not start:\n{handle.log_tail()}") from None
+            time.sleep(0.2)

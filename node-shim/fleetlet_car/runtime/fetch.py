@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import re
+import ssl as ssl_module
 import tempfile
 from pathlib import Path
 from typing import IO
@@ -61,6 +62,7 @@ async def fetch_artifact(
     *,
     session: aiohttp.ClientSession | None = None,
     http_timeout: aiohttp.ClientTimeout | None = None,
+    ssl: ssl_module.SSLContext | None = None,
 ) -> Path:
     """Return the local path of the artifact `digest`, downloading it from the grant `url` unless cached.
 
@@ -86,7 +88,8 @@ async def fetch_artifact(
     try:
         try:
             async with client.get(
-                url, timeout=http_timeout or aiohttp.ClientTimeout(total=600, sock_read=60)
+                url, timeout=http_timeout or aiohttp.ClientTimeout(total=600, sock_read=60),
+                **({"ssl": ssl} if ssl is not None else {}),
             ) as resp:
                 if resp.status != 200:
                     detail = (await resp.text())[:300]

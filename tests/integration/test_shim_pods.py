@@ -1,0 +1,236 @@
+"""Pods on cars, end to end: the real kube-scheduler binds a shard pod to a car's Node, the shim dispatches it,
+the car's real agent runs real ONNX inference in its sandbox, and the pod's status, result and log come back.
+Deleting a pod stops it on the car; a car that starts driving stops its work before the control plane hears of
+it; a shim restart loses nothing and runs nothing twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from fleetlet_car.agent import AgentConfig
+from fleetlet_car.runtime.results import load_arrays
+from fleetlet_car.sim.runner import SimFleetHarness
+from fleetlet_shim.testing import ShimHandle, apply_objects, start_shim, vehiclenodes
+
+from fleetlet.api.v1alpha1 import VehicleNodeSpec
+from fleetlet.api.v1alpha1.shard import ShardAssignment
+from fleetlet.artifacts import BlobStore
+from fleetlet.models.digits import DigitsArtifacts, build_digits, predict_onnx
+from tests.integration.conftest import Cluster
+
+# The cars live on one event loop for the whole module, like a fleet simulator process.
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+NS = "default"
+
+
+@pytest.fixture(scope="module")
+def shim(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShimHandle]:
+    yield from start_shim(crds_installed, tmp_path_factory.mktemp("shim-pods"))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsArtifacts:
+    return build_digits(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def shards(shim: ShimHandle, digits: DigitsArtifacts, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The model and two input shards in the shim's artifact store: a short one and a long one (~30 s at batch 1)."""
+    store = BlobStore(shim.artifact_dir)
+    inputs = np.load(digits.inputs_path)
+    tmp = tmp_path_factory.mktemp("shards")
+    short, long = tmp / "short.npy", tmp / "long.npy"
+    np.save(short, inputs[:300])
+    np.save(long, np.tile(inputs, (300, 1)))
+    return {
+        "model": store.put_file(digits.model_path),
+        "short": store.put_file(short), "short_items": 300, "short_inputs": inputs[:300],
+        "long": store.put_file(long), "long_items": 300 * len(inputs),
+    }
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cars(crds_installed: Cluster, shim: ShimHandle, tmp_path_factory: pytest.TempPathFactory
+               ) -> AsyncIterator[SimFleetHarness]:
+    bodies = vehiclenodes(4, seed=21, prefix="podcar")
+    for body in bodies:  # lend every car any time, plugged in or not: these tests are about the pods
+        body["spec"]["policy"].update({"requirePluggedIn": False, "minStateOfCharge": 0.3, "availability": []})
+    apply_objects(crds_installed, bodies)
+    specs = [VehicleNodeSpec.model_validate(b["spec"]) for b in bodies]
+    config = AgentConfig(batch_size=1, checkpoint_every_seconds=1.0, status_interval_seconds=0.5,
+                         log_interval_seconds=0.5, confirm_seconds=2.0)
+    harness = SimFleetHarness(len(specs), shim.link_url, shim.fleet_ca.cert_pem,
+                              lambda name: shim.fleet_ca.issue(name, organizations=("fleetlet:cars",), client=True),
+                              tmp_path_factory.mktemp("fleet"), seed=21, config=config, specs=specs)
+    async with harness:
+        for i in range(len(specs)):
+            harness.fleet.set_state_of_charge(i, 0.9)
+            harness.fleet.set_drive_state(i, "Parked")
+        await _until("every car's Node is Ready", lambda: _ready_nodes(crds_installed, "podcar-") == 4, 60)
+        yield harness
+
+
+def _ready_nodes(cluster: Cluster, prefix: str) -> int:
+    nodes = json.loads(cluster.kubectl("get", "nodes", "-l", "fleetlet.io/vehicle=true", "-o", "json").stdout)
+    return sum(1 for n in nodes["items"] if n["metadata"]["name"].startswith(prefix)
+               and any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"]))
+
+
+async def _until(what: str, probe: Any, timeout_s: float, interval_s: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await asyncio.to_thread(probe)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting until {what}")
+        await asyncio.sleep(interval_s)
+
+
+def shard_pod(name: str, car: str, model: str, shard: str, items: int) -> dict[str, Any]:
+    assignment = ShardAssignment.model_validate(
+        {"model": {"sha256": model}, "input": {"sha256": shard, "format": "npy", "end": items}})
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {"fleetlet.io/shard": name},
+                     "annotations": {"fleetlet.io/assignment": assignment.annotation()}},
+        "spec": {
+            "runtimeClassName": "fleetlet-onnx",  # adds the vehicle toleration and the car node selector
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 5,
+            "nodeSelector": {"kubernetes.io/hostname": car},
+            "containers": [{"name": "shard", "image": f"fleetlet.io/onnx@sha256:{model}",
+                            "resources": {"requests": {"cpu": "1", "memory": "256Mi"}}}],
+        },
+    }
+
+
+def _pod(cluster: Cluster, name: str) -> dict[str, Any] | None:
+    proc = cluster.kubectl("get", "pod", name, "-n", NS, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def _phase(cluster: Cluster, name: str) -> str | None:
+    pod = _pod(cluster, name)
+    return pod.get("status", {}).get("phase") if pod else None
+
+
+def _dead_or_dying(pid: int, within_s: float = 0.1) -> bool:
+    """Within the reflex target (100 ms): the process is gone, a zombie, or has SIGKILL pending."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        pending = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("ShdPnd:"))
+        if pending & (1 << (9 - 1)):  # SIGKILL queued: the process cannot run another instruction of its own
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+
+
+def _progress(cluster: Cluster, name: str) -> str:
+    pod = _pod(cluster, name) or {}
+    return next((c.get("message", "") for c in pod.get("status", {}).get("conditions", [])
+                 if c["type"] == "fleetlet.io/Progress"), "")
+
+
+async def test_a_shard_pod_runs_real_inference_on_a_car_and_succeeds(
+    crds_installed: Cluster, shim: ShimHandle, cars: SimFleetHarness, shards: dict[str, Any],
+    digits: DigitsArtifacts,
+) -> None:
+    pod = shard_pod("digits-shard-0", "podcar-000000", shards["model"], shards["short"], shards["short_items"])
+    apply_objects(crds_installed, [pod])
+    await _until("the pod succeeds", lambda: _phase(crds_installed, "digits-shard-0") == "Succeeded", 90)
+    got = _pod(crds_installed, "digits-shard-0")
+    assert got is not None and got["spec"]["nodeName"] == "podcar-000000"  # placed by the real scheduler
+    status = got["status"]["containerStatuses"][0]
+    term = status["state"]["terminated"]
+    assert term["exitCode"] == 0 and term["reason"] == "Completed"
+    assert term["startedAt"] <= term["finishedAt"]
+    result = json.loads(term["message"])
+    assert result["itemsDone"] == 300
+    # The result the car uploaded is exactly what ONNX Runtime computes on the same 300 digits.
+    arrays = load_arrays(BlobStore(shim.artifact_dir).path(result["resultSha256"]))
+    labels = next(a for a in arrays.values() if a.dtype.kind == "i")
+    expected, _ = predict_onnx(digits.model_path, shards["short_inputs"])
+    np.testing.assert_array_equal(labels.reshape(-1), expected)
+    # kubectl logs reaches the car's log through the API server and the shim's kubelet endpoint.
+    logs = crds_installed.kubectl("logs", "digits-shard-0", "-n", NS).stdout
+    assert f"result sha256:{result['resultSha256']}" in logs
+    assert f"sha256:{shards['model']}" in logs
+
+
+async def test_deleting_a_pod_stops_it_on_the_car(
+    crds_installed: Cluster, cars: SimFleetHarness, shards: dict[str, Any]
+) -> None:
+    car = "podcar-000001"
+    apply_objects(crds_installed, [shard_pod("long-delete", car, shards["model"], shards["long"],
+                                             shards["long_items"])])
+    await _until("the shard is running", lambda: _phase(crds_installed, "long-delete") == "Running"
+                 and cars.agents[car].running == 1, 60)
+    crds_installed.kubectl("delete", "pod", "long-delete", "-n", NS, "--wait=false")
+    # Graceful termination: the car stops (checkpoint, exit), the shim confirms and the pod is gone.
+    await _until("the pod is gone", lambda: _pod(crds_installed, "long-delete") is None, 30)
+    await _until("the car runs nothing", lambda: cars.agents[car].running == 0, 10)
+
+
+async def test_a_car_that_starts_driving_stops_its_work_at_once(
+    crds_installed: Cluster, cars: SimFleetHarness, shards: dict[str, Any]
+) -> None:
+    car = "podcar-000002"
+    apply_objects(crds_installed, [shard_pod("long-drive", car, shards["model"], shards["long"],
+                                             shards["long_items"])])
+    await _until("the shard has checkpointed work", lambda: _phase(crds_installed, "long-drive") == "Running"
+                 and "checkpoint=sha256:" in _progress(crds_installed, "long-drive"), 60)
+    agent = cars.agents[car]
+    pids = [h.run.pid for h in agent._held.values() if h.run is not None and h.run.pid]
+    assert len(pids) == 1
+    cars.set_drive_state(car, "Driving")  # the reflex runs inside this call, before any API server hears of it
+    trip = agent.reflex.last_trip
+    assert _dead_or_dying(pids[0]), "the sandbox still runs after the car left Parked"
+    assert trip is not None and trip.latency_ns < 100_000_000, "the reflex target is 100 ms"
+    await _until("the pod fails as CarLeftParked",
+                 lambda: (_pod(crds_installed, "long-drive") or {}).get("status", {}).get("reason") == "CarLeftParked",
+                 30)
+    pod = _pod(crds_installed, "long-drive")
+    assert pod is not None and pod["status"]["phase"] == "Failed"
+    progress = next(c for c in pod["status"]["conditions"] if c["type"] == "fleetlet.io/Progress")
+    assert "checkpoint=sha256:" in progress["message"]  # the work resumes elsewhere from here
+
+    def drive_state() -> str | None:
+        vn = json.loads(crds_installed.kubectl("get", "vn", car, "-o", "json").stdout)
+        return vn.get("status", {}).get("telemetry", {}).get("driveState")
+
+    await _until("the VehicleNode shows the car driving", lambda: drive_state() == "Driving", 20)
+    cars.set_drive_state(car, "Parked")
+
+
+async def test_a_shim_restart_loses_nothing_and_runs_nothing_twice(
+    crds_installed: Cluster, shim: ShimHandle, cars: SimFleetHarness, shards: dict[str, Any],
+) -> None:
+    car = "podcar-000003"
+    items = shards["short_items"] * 20  # about 10 s of work at batch 1
+    apply_objects(crds_installed, [shard_pod("survivor", car, shards["model"], shards["long"], items)])
+    await _until("the shard is running", lambda: _phase(crds_installed, "survivor") == "Running", 60)
+    restarted_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await asyncio.to_thread(shim.restart)  # the car keeps working through the shim's absence
+    await _until("the pod succeeds after the restart", lambda: _phase(crds_installed, "survivor") == "Succeeded", 120)
+    term = _pod(crds_installed, "survivor")["status"]["containerStatuses"][0]["state"]["terminated"]  # type: ignore[index]
+    assert json.loads(term["message"])["itemsDone"] == items
+    # The run that finished is the one that started before the restart: the shard was not started again.
+    assert term["startedAt"] <= restarted_at, (term["startedAt"], restarted_at)
