@@ -143,18 +143,20 @@ class Shim:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        """Sync the caches before any car is served: VehicleNodes first (pods are kept only for car Nodes, so
+        the cars must be known when the pods arrive), then pods bound to Nodes."""
         vn_informer = Informer(self.kube, VN_PATH, self._on_vehiclenode)
         pod_informer = Informer(
             self.kube, resource_path("v1", "pods"), self._on_pod, fieldSelector="spec.nodeName!="
         )
-        self._tasks = [
-            asyncio.create_task(vn_informer.run(), name="vehiclenode-informer"),
+        self._tasks = [asyncio.create_task(vn_informer.run(), name="vehiclenode-informer")]
+        await asyncio.wait_for(vn_informer.synced.wait(), timeout=60)
+        self._tasks += [
             asyncio.create_task(pod_informer.run(), name="pod-informer"),
             asyncio.create_task(self._lease_loop(), name="lease-loop"),
             asyncio.create_task(self._status_flusher(), name="pod-status-flusher"),
             asyncio.create_task(self._telemetry_flusher(), name="telemetry-flusher"),
         ]
-        await asyncio.wait_for(vn_informer.synced.wait(), timeout=60)
         await asyncio.wait_for(pod_informer.synced.wait(), timeout=60)
 
     async def stop(self) -> None:
