@@ -59,9 +59,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    from fleetlet.cli.demo import stop_processes
     from fleetlet.localcluster import LocalCluster
 
     directory = state_dir()
+    for name in stop_processes(directory):
+        _progress(f"{name} stopped")
     if LocalCluster.stop_detached(directory):
         _progress("local control plane stopped")
     else:
@@ -75,22 +78,16 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from fleetlet.localcluster import find_binaries
+    from fleetlet.cli.demo import run_demo
+    from fleetlet.localcluster import LocalCluster
 
     if cmd_up(args) != 0:
         return 1
-    kubeconfig = state_dir() / "admin.kubeconfig"
-    kubectl = [find_binaries().kubectl, "--kubeconfig", str(kubeconfig)]
+    cluster = LocalCluster.attach(state_dir())
     examples = _repo_file("examples")
     _progress(f"applying the example VehicleNodes and FleetJob from {examples}")
-    subprocess.run([*kubectl, "apply", "-f", str(examples)], check=True)
-    for what in (["get", "vehiclenodes", "-o", "wide"], ["get", "fleetjobs", "-A"]):
-        print(f"\n$ kubectl {' '.join(what)}", flush=True)
-        subprocess.run([*kubectl, *what], check=True)
-    _progress(f"done. Try: KUBECONFIG={kubeconfig} kubectl get fleetlet -A ; stop with: fleetlet down")
-    return 0
+    cluster.kubectl("apply", "-f", str(examples))
+    return run_demo(cluster, state_dir(), cars=args.cars, seed=args.seed)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -107,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop the local control plane")
     down.add_argument("--purge", action="store_true", help="also delete its state (etcd data, certificates)")
     down.set_defaults(func=cmd_down)
-    sub.add_parser("demo", help="bring the local control plane up and apply the examples").set_defaults(func=cmd_demo)
+    demo = sub.add_parser("demo", help="local control plane, shim and a simulated fleet; shard pods run on the cars")
+    demo.add_argument("--cars", type=int, default=12, help="simulated cars (default 12)")
+    demo.add_argument("--seed", type=int, default=42, help="seed of the simulated fleet")
+    demo.set_defaults(func=cmd_demo)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
     return parser
 

@@ -140,6 +140,7 @@ class LocalCluster:
             (self.state_dir / "pids.json").write_text(
                 json.dumps({c.name: c.process.pid for c in self.components if c.process})
             )
+            (self.state_dir / "ports.json").write_text(json.dumps(self.ports))
         log.info("control plane ready at %s (kubeconfig %s)", self.server, self.kubeconfig)
 
     def stop(self, grace_s: float = 10.0) -> None:
@@ -163,6 +164,15 @@ class LocalCluster:
         self.components.clear()
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / "pids.json").unlink()
+
+    @classmethod
+    def attach(cls, state_dir: Path) -> LocalCluster:
+        """A handle on a control plane started with ``detach=True`` (``fleetlet up``), to use, not to stop."""
+        if not (state_dir / "pids.json").exists():
+            raise ClusterError(f"no local control plane is running from {state_dir}; run `fleetlet up`")
+        cluster = cls(state_dir=state_dir, binaries=find_binaries(build=False), detach=True)
+        cluster.ports = json.loads((state_dir / "ports.json").read_text())
+        return cluster
 
     @staticmethod
     def stop_detached(state_dir: Path, grace_s: float = 10.0) -> bool:

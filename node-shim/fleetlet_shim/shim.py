@@ -90,6 +90,15 @@ class CarState:
     status_written_at: float = 0.0
 
 
+_PRECISION = {"stateOfCharge": 4, "batteryTemperatureC": 1, "computeTemperatureC": 1, "linkQuality": 2}
+
+
+def _rounded(telemetry: dict[str, Any]) -> dict[str, Any]:
+    """What a person reads in ``kubectl get vn`` (and what decides whether a write is due): no float noise."""
+    return {k: round(v, _PRECISION[k]) if k in _PRECISION and isinstance(v, float) else v
+            for k, v in telemetry.items()}
+
+
 class PodLogs:
     """The last lines of each pod's log, as the car sent them (``kubectl logs``)."""
 
@@ -478,7 +487,7 @@ class Shim:
     def _on_telemetry(self, car: CarState, msg: TelemetryReport) -> None:
         if car.telemetry is not None:
             self.metrics.telemetry_coalesced.inc()
-        car.telemetry = msg.telemetry.wire()
+        car.telemetry = _rounded(msg.telemetry.wire())
         self._telemetry_wakeup.set()
 
     def _telemetry_due(self, car: CarState, now: float) -> bool:

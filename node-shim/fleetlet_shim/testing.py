@@ -98,6 +98,18 @@ def start_shim(
 ) -> Iterator[ShimHandle]:
     """Start the shim (a generator: the shim stops when it is closed). ``cluster`` has ``kubectl(*args, input=)``;
     ``local`` is the LocalCluster whose CA signs the kubelet API certificate (default ``cluster.local``)."""
+    handle = launch_shim(cluster, work, lease_renew_s, local, extra_args, heartbeat_s, dead_after_s)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def launch_shim(
+    cluster: Any, work: Path, lease_renew_s: float = 5.0, local: LocalCluster | None = None,
+    extra_args: list[str] | None = None, heartbeat_s: float = 5.0, dead_after_s: float = 12.0,
+) -> ShimHandle:
+    """Start the shim as its own process (a new session: it outlives the caller unless stopped)."""
     local = local or getattr(cluster, "local", None)
     if local is None:
         raise RuntimeError(
@@ -156,9 +168,10 @@ def start_shim(
     )
     try:
         _wait_ready(handle)
-        yield handle
-    finally:
+    except BaseException:
         handle.stop()
+        raise
+    return handle
 
 
 def _wait_ready(handle: ShimHandle, timeout_s: float = 60.0) -> None:
