@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,8 +78,8 @@ def write_calls(m0: dict[str, float], m1: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def not_ready(cluster: LocalCluster, prefix: str) -> tuple[int, int]:
-    out = cluster.kubectl("get", "nodes", "-l", "fleetlet.io/vehicle=true", "-o",
+def not_ready(cluster: LocalCluster, prefix: str, selector: str = "fleetlet.io/vehicle=true") -> tuple[int, int]:
+    out = cluster.kubectl("get", "nodes", "-l", selector, "-o",
                           "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}")
     total = bad = 0
     for line in out.stdout.splitlines():
@@ -137,6 +138,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"settling {args.renew:.0f}s, then soaking {args.soak}s", file=sys.stderr, flush=True)
             await asyncio.sleep(args.renew)  # one renewal period: the soak sees the steady state only
             m0, cpu0, t_soak = shim.metrics(), proc_cpu_seconds(pid), time.monotonic()
+            w0 = apiserver_writes(cluster)
             worst_not_ready = 0
             while time.monotonic() - t_soak < args.soak:
                 await asyncio.sleep(min(15.0, args.soak / 4))
@@ -144,6 +146,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 worst_not_ready = max(worst_not_ready, bad)
             elapsed = time.monotonic() - t_soak
             m1, cpu1 = shim.metrics(), proc_cpu_seconds(pid)
+            w1 = apiserver_writes(cluster)
             rss = proc_rss_mib(pid)
             bytes_in = m1.get("fleetlet_shim_link_received_bytes_total", 0) - m0.get("fleetlet_shim_link_received_bytes_total", 0)
             bytes_out = m1.get("fleetlet_shim_link_sent_bytes_total", 0) - m0.get("fleetlet_shim_link_sent_bytes_total", 0)
@@ -158,6 +161,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "api_writes_per_car_per_minute": round((writes(m1) - writes(m0)) / target / (elapsed / 60), 3),
                 "mutating_api_p99_seconds_cumulative": histogram_quantile(m1, "fleetlet_shim_api_call_seconds", 0.99, 'verb="PATCH"'),
                 "api_write_calls": write_calls(m0, m1),
+                "api_writes_per_node_per_minute_apiserver_count": round((w1 - w0) / target / (elapsed / 60), 3),
                 "shim_cpu_cores": round((cpu1 - cpu0) / elapsed, 3),
                 "shim_cpu_cores_per_1000_cars": round((cpu1 - cpu0) / elapsed / target * 1000, 4),
                 "shim_rss_mib": round(rss, 1),
@@ -181,6 +185,119 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+KWOK_VERSION = "v0.8.0"
+
+
+def kwok_binary() -> Path:
+    """kwok built from the Go module proxy into the cache (like the control plane), for the comparison."""
+    cache = Path(os.environ.get("FLEETLET_CACHE", Path.home() / ".cache" / "fleetlet")) / f"kwok-{KWOK_VERSION}" / "bin"
+    binary = cache / "kwok"
+    if not binary.exists():
+        print(f"building kwok {KWOK_VERSION} from the Go module proxy", file=sys.stderr, flush=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "GOBIN": str(cache), "CGO_ENABLED": "0", "GOFLAGS": "",
+               "PATH": os.environ.get("PATH", "") + ":/usr/local/go/bin"}
+        subprocess.run(["go", "install", "-ldflags=-s -w", f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}"],
+                       check=True, env=env)
+    return binary
+
+
+def fake_nodes(start: int, count: int) -> list[dict[str, Any]]:
+    return [{
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": f"kwok-{i:06d}", "annotations": {"kwok.x-k8s.io/node": "fake"},
+                     "labels": {"type": "kwok", "kubernetes.io/hostname": f"kwok-{i:06d}"}},
+        "spec": {"taints": [{"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}]},
+        "status": {"allocatable": {"cpu": "8", "memory": "16Gi", "pods": "4"},
+                   "capacity": {"cpu": "8", "memory": "16Gi", "pods": "4"}},
+    } for i in range(start, start + count)]
+
+
+def apiserver_writes(cluster: LocalCluster) -> float:
+    """Mutating requests on nodes and leases as the API server counts them (the same yardstick for both)."""
+    ctx = cluster._ssl_context(client=True)
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{cluster.server}/metrics", context=ctx, timeout=30).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{") and any(f'resource="{r}"' in line for r in ("nodes", "leases")) \
+                and any(f'verb="{v}"' in line for v in ("PATCH", "PUT", "POST", "APPLY", "UPDATE", "CREATE")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def run_kwok(args: argparse.Namespace) -> list[dict[str, Any]]:
+    binary = kwok_binary()
+    work = Path(tempfile.mkdtemp(prefix="fleetlet-bench-kwok-"))
+    cluster = LocalCluster(state_dir=work / "cp")
+    cluster.start()
+    # kwok's own stage definitions (node initialisation, heartbeat with a Lease), read from its module.
+    gomodcache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True,  # noqa: ASYNC221
+                                env={**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/local/go/bin"}
+                                ).stdout.strip()
+    stages = Path(gomodcache) / f"sigs.k8s.io/kwok@{KWOK_VERSION}" / "kustomize" / "stage" / "node"
+    configs = [stages / "fast" / "node-initialize.yaml", *sorted((stages / "heartbeat-with-lease").glob("*.yaml"))]
+    configs = [c for c in configs if c.name != "kustomization.yaml"]
+    log = (work / "kwok.log").open("wb")  # noqa: ASYNC230 (a benchmark's setup, before anything is timed)
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [str(binary), f"--kubeconfig={cluster.kubeconfig}", *(f"--config={c}" for c in configs),
+         "--manage-all-nodes=false",
+         "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake", "--node-lease-duration-seconds=40",
+         "--node-ip=127.0.0.1", "--server-address=127.0.0.1:0"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    steps = []
+    made = 0
+    try:
+        await asyncio.sleep(2)
+        baseline_rss = proc_rss_mib(proc.pid)
+        for target in args.cars:
+            t0 = time.monotonic()
+            nodes = fake_nodes(made, target - made)
+            for i in range(0, len(nodes), 500):
+                apply_objects(cluster, nodes[i:i + 500])
+            made = target
+            while True:
+                total, bad = await asyncio.to_thread(not_ready, cluster, "kwok-", "type=kwok")
+                if total >= target and bad == 0:
+                    break
+                if time.monotonic() - t0 > args.register_timeout or proc.poll() is not None:
+                    raise RuntimeError(f"kwok: {total - bad}/{target} Ready; see {work / 'kwok.log'}")
+                await asyncio.sleep(1)
+            registration_s = time.monotonic() - t0
+            print(f"[kwok {target} nodes] all Ready in {registration_s:.1f}s; settling, then soaking {args.soak}s",
+                  file=sys.stderr, flush=True)
+            await asyncio.sleep(args.renew)
+            w0, cpu0, t_soak = apiserver_writes(cluster), proc_cpu_seconds(proc.pid), time.monotonic()
+            worst = 0
+            while time.monotonic() - t_soak < args.soak:
+                await asyncio.sleep(min(15.0, args.soak / 4))
+                _, bad = await asyncio.to_thread(not_ready, cluster, "kwok-", "type=kwok")
+                worst = max(worst, bad)
+            elapsed = time.monotonic() - t_soak
+            w1, cpu1, rss = apiserver_writes(cluster), proc_cpu_seconds(proc.pid), proc_rss_mib(proc.pid)
+            step = {
+                "nodes": target,
+                "registration_seconds_including_node_creation": round(registration_s, 2),
+                "registration_nodes_per_second": round((target - (made - len(nodes))) / registration_s, 1),
+                "false_not_ready_max": worst,
+                "api_writes_per_node_per_minute_apiserver_count": round((w1 - w0) / target / (elapsed / 60), 3),
+                "kwok_cpu_cores": round((cpu1 - cpu0) / elapsed, 3),
+                "kwok_cpu_cores_per_1000_nodes": round((cpu1 - cpu0) / elapsed / target * 1000, 4),
+                "kwok_rss_mib": round(rss, 1),
+                "kwok_rss_mib_per_1000_nodes": round((rss - baseline_rss) / target * 1000, 1),
+            }
+            print(json.dumps(step), file=sys.stderr, flush=True)
+            steps.append(step)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        log.close()
+        cluster.stop()
+    return steps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cars", default="1000,2500", type=lambda s: [int(x) for x in s.split(",")])
@@ -188,8 +305,25 @@ def main() -> None:
     p.add_argument("--renew", type=float, default=25.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--register-timeout", type=float, default=300.0)
+    p.add_argument("--no-kwok", action="store_true", help="skip the kwok comparison")
     args = p.parse_args()
     result = asyncio.run(run(args))
+    if not args.no_kwok:
+        kwok = asyncio.run(run_kwok(args))
+        result["kwok"] = {"version": KWOK_VERSION, "steps": kwok}
+        ratios = []
+        for ours, theirs in zip(result["steps"], kwok, strict=False):
+            ratios.append({
+                "cars": ours["cars"],
+                "registration_rate_shim_over_kwok": round(
+                    ours["registration_cars_per_second"] / theirs["registration_nodes_per_second"], 2),
+                "cpu_per_1000_kwok_over_shim": round(
+                    theirs["kwok_cpu_cores_per_1000_nodes"] / max(ours["shim_cpu_cores_per_1000_cars"], 1e-6), 2),
+                "api_writes_per_minute_shim_over_kwok": round(
+                    ours["api_writes_per_node_per_minute_apiserver_count"]
+                    / max(theirs["api_writes_per_node_per_minute_apiserver_count"], 1e-6), 2),
+            })
+        result["ratios"] = ratios
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")
