@@ -33,7 +33,7 @@ lint: install ## ruff and the import-layer contracts
 	$(VENV)/bin/ruff check fleetlet operator node-shim tests bench
 	$(VENV)/bin/lint-imports
 
-test: install control-plane ## unit tests, then integration tests against a real kube-apiserver + etcd
+test: install control-plane lint ## lint, unit tests, then integration tests against a real kube-apiserver + etcd
 	$(VENV)/bin/pytest tests/unit tests/integration
 
 test-unit: install ## unit tests only (no cluster)
@@ -58,9 +58,9 @@ kind-demo: ## the same objects in a kind cluster (needs docker + kind + kubectl)
 	kubectl --context kind-$(KIND_CLUSTER) apply -f examples
 	kubectl --context kind-$(KIND_CLUSTER) get vehiclenodes,fleetjobs -A
 
-kind-test: install ## integration tests against the kind cluster instead of the embedded control plane
+kind-test: install ## the API integration tests against the kind cluster (the shim tests need the embedded control plane)
 	kind get kubeconfig --name $(KIND_CLUSTER) > $(VENV)/kind.kubeconfig
-	FLEETLET_TEST_KUBECONFIG=$(VENV)/kind.kubeconfig $(VENV)/bin/pytest tests/integration
+	FLEETLET_TEST_KUBECONFIG=$(VENV)/kind.kubeconfig $(VENV)/bin/pytest tests/integration/test_crds.py
 
 clean: ## remove the venv and caches (the control-plane build cache in ~/.cache/fleetlet stays)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
