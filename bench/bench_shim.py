@@ -44,12 +44,14 @@ def proc_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def histogram_quantile(metrics: dict[str, float], name: str, q: float, labels: str = "") -> float | None:
+def histogram_quantile(metrics: dict[str, float], name: str, q: float, labels: str = "",
+                       since: dict[str, float] | None = None) -> float | None:
+    """Upper bucket bound holding quantile ``q``; with ``since``, of the observations after that scrape only."""
     buckets = []
     for key, value in metrics.items():
         if key.startswith(name + "_bucket{") and labels in key:
             le = key.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), value))
+            buckets.append((float("inf") if le == "+Inf" else float(le), value - (since or {}).get(key, 0.0)))
     if not buckets:
         return None
     buckets.sort()
@@ -120,8 +122,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                    capacity=Capacity(cpu=hw["cpu"], memory=hw["memory"])))
             print(f"[{target} cars] connecting {add} more", file=sys.stderr, flush=True)
             t0 = time.monotonic()
-            for link in new:
+            # Cars come online at a bounded rate (as after an outage, with their backoff jitter), not all in one tick.
+            for i, link in enumerate(new):
                 link.start()
+                if i % 50 == 49:
+                    await asyncio.sleep(50 / args.connect_rate)
             links.extend(new)
             while True:
                 m = shim.metrics()
@@ -129,9 +134,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if ready >= target:
                     break
                 if time.monotonic() - t0 > args.register_timeout:
-                    raise RuntimeError(f"only {ready}/{target} Ready after {args.register_timeout}s:\n"
-                                       + shim.log_tail())
+                    break
                 await asyncio.sleep(0.5)
+            if ready < target:
+                print(f"[{target} cars] only {ready:.0f} Ready after {args.register_timeout:.0f}s: stopping here",
+                      file=sys.stderr, flush=True)
+                steps.append({"cars": target, "ready": ready, "failed": "not every car became Ready in time"})
+                break
             registration_s = time.monotonic() - t0
             total, bad = await asyncio.to_thread(not_ready, cluster, "bench-")
             print(f"[{target} cars] all Ready in {registration_s:.1f}s ({add / registration_s:.0f} cars/s); "
@@ -148,8 +157,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             m1, cpu1 = shim.metrics(), proc_cpu_seconds(pid)
             w1 = apiserver_writes(cluster)
             rss = proc_rss_mib(pid)
-            bytes_in = m1.get("fleetlet_shim_link_received_bytes_total", 0) - m0.get("fleetlet_shim_link_received_bytes_total", 0)
-            bytes_out = m1.get("fleetlet_shim_link_sent_bytes_total", 0) - m0.get("fleetlet_shim_link_sent_bytes_total", 0)
             step = {
                 "cars": target,
                 "registration_seconds": round(registration_s, 2),
@@ -157,16 +164,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "soak_seconds": round(elapsed, 1),
                 "nodes_seen": total,
                 "false_not_ready_max": worst_not_ready,
-                "lease_renewal_lag_p99_seconds_cumulative": histogram_quantile(m1, "fleetlet_shim_lease_renewal_lag_seconds", 0.99),
+                "lease_renewal_lag_p99_seconds": histogram_quantile(m1, "fleetlet_shim_lease_renewal_lag_seconds", 0.99,
+                                                                    since=m0),
                 "api_writes_per_car_per_minute": round((writes(m1) - writes(m0)) / target / (elapsed / 60), 3),
-                "mutating_api_p99_seconds_cumulative": histogram_quantile(m1, "fleetlet_shim_api_call_seconds", 0.99, 'verb="PATCH"'),
+                "mutating_api_p99_seconds": histogram_quantile(m1, "fleetlet_shim_api_call_seconds", 0.99, 'verb="PATCH"',
+                                                               since=m0),
                 "api_write_calls": write_calls(m0, m1),
                 "api_writes_per_node_per_minute_apiserver_count": round((w1 - w0) / target / (elapsed / 60), 3),
                 "shim_cpu_cores": round((cpu1 - cpu0) / elapsed, 3),
                 "shim_cpu_cores_per_1000_cars": round((cpu1 - cpu0) / elapsed / target * 1000, 4),
                 "shim_rss_mib": round(rss, 1),
                 "shim_rss_mib_per_1000_cars": round((rss - baseline_rss) / target * 1000, 1),
-                "link_payload_bits_per_idle_car_per_second": round((bytes_in + bytes_out) * 8 / target / elapsed, 3),
             }
             print(json.dumps(step), file=sys.stderr, flush=True)
             steps.append(step)
@@ -180,8 +188,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "lease_renew_interval_seconds": args.renew,
         "node_monitor_grace_period_seconds": 50,
         "steps": steps,
-        "note": "link bytes are WebSocket payload bytes (TLS records and framing not included); "
-                "latency quantiles are upper bucket bounds of the shim's histograms since its start",
+        "note": "link traffic per car is measured by bench_carlink.py; latency "
+                "quantiles are upper bucket bounds of the shim's histograms over the soak window; "
+                "api_writes_per_car_per_minute is the shim's own count, the *_apiserver_count figures are the API "
+                "server's count of node and lease writes by anyone (the same yardstick as for kwok)",
     }
 
 
@@ -306,13 +316,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--register-timeout", type=float, default=300.0)
     p.add_argument("--no-kwok", action="store_true", help="skip the kwok comparison")
+    p.add_argument("--connect-rate", type=float, default=250.0, help="new car links per second")
     args = p.parse_args()
     result = asyncio.run(run(args))
     if not args.no_kwok:
         kwok = asyncio.run(run_kwok(args))
         result["kwok"] = {"version": KWOK_VERSION, "steps": kwok}
         ratios = []
-        for ours, theirs in zip(result["steps"], kwok, strict=False):
+        for ours, theirs in zip([s for s in result["steps"] if "failed" not in s], kwok, strict=False):
             ratios.append({
                 "cars": ours["cars"],
                 "registration_rate_shim_over_kwok": round(

@@ -71,6 +71,7 @@ class ShimSettings:
     api_concurrency: int = 32
     grant_ttl_s: float = 6 * 3600
     log_lines_per_pod: int = 5000
+    reconnect_grace_s: float = 2.0  # a link that is back within this long is not reported NotReady
 
 
 @dataclass
@@ -442,6 +443,7 @@ class Shim:
             self.logs.add(msg.uid, msg.offset, list(msg.lines))
 
     async def car_disconnected(self, car: str, reason: str) -> None:
+        # Quick by contract, like car_connected: the API writes happen in the background.
         self._waiting.pop(car, None)
         state = self.cars.get(car)
         if state is None:
@@ -451,20 +453,28 @@ class Shim:
         log.info("car %s: link down (%s); its Lease will lapse", car, reason)
         if reason == "replaced":
             return  # a newer connection for the same car follows at once
-        # The Lease is no longer renewed, so the node lifecycle controller marks the Node NotReady and taints it.
-        # We also say so at once, so no new work waits for the grace period to notice.
+        task = asyncio.create_task(self._bring_down(state, reason, state.generation), name=f"bring-down-{car}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _bring_down(self, car: CarState, reason: str, generation: int) -> None:
+        """The Lease is no longer renewed, so the node lifecycle controller marks the Node NotReady and taints
+        it; we also say so at once (unless the car is already back), so no new work waits for the grace period."""
+        await asyncio.sleep(self.settings.reconnect_grace_s)  # a blip that heals at once costs no API write
+        if car.connected or car.generation != generation:
+            return
         now = datetime.now(UTC)
         endpoint = nodes.Endpoint(self.settings.advertise_address, self.settings.kubelet_port)
-        status = nodes.node_status(state.vn, endpoint, self.settings.max_pods_per_car, False, "CarLinkLost",
+        status = nodes.node_status(car.vn, endpoint, self.settings.max_pods_per_car, False, "CarLinkLost",
                                    f"the car's link closed ({reason}); work on it is being rescheduled", now)
         try:
             async with self._api:
-                await self.kube.apply(resource_path("v1", "nodes", name=car, sub="status"),
-                                      nodes.node_status_apply(car, status), FIELD_MANAGER)
+                await self.kube.apply(resource_path("v1", "nodes", name=car.name, sub="status"),
+                                      nodes.node_status_apply(car.name, status), FIELD_MANAGER)
         except ApiError as exc:
-            log.warning("car %s: could not mark the Node NotReady: %s", car, exc)
+            log.warning("car %s: could not mark the Node NotReady: %s", car.name, exc)
         self._update_ready_gauge()
-        for uid in list(self.pods_by_node.get(car, set())):
+        for uid in list(self.pods_by_node.get(car.name, set())):
             pod = self.pods.get(uid)
             if pod is not None and pod["metadata"].get("deletionTimestamp"):
                 await self._finish_deletion(pod)

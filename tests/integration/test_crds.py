@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import EXAMPLES, fleetjob_body, vehiclenode_body
+from tests.conftest import DELETE, EXAMPLES, fleetjob_body, vehiclenode_body, with_field
 from tests.integration.conftest import Cluster
 
 pytestmark = pytest.mark.integration
@@ -79,45 +79,33 @@ def _table(text: str) -> list[dict[str, str]]:
     return [{n: line[a:b].strip() for n, (a, b) in zip(names, bounds, strict=True)} for line in lines[1:]]
 
 
-def _with(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    node = body
-    keys = path.split(".")
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    if value is None:
-        node.pop(keys[-1])
-    else:
-        node[keys[-1]] = value
-    return body
-
-
 # (what is wrong, body, words the API server's message must contain)
 REJECTED = [
-    ("negative shard size", _with(fleetjob_body("bad-1"), "spec.shardSize", -5), "spec.shardSize"),
-    ("parallelism 0", _with(fleetjob_body("bad-2"), "spec.parallelism", 0), "spec.parallelism"),
-    ("quorum above replicas", _with(fleetjob_body("bad-3"), "spec.verification", {"replicas": 2, "quorum": 3}),
+    ("negative shard size", with_field(fleetjob_body("bad-1"), "spec.shardSize", -5), "spec.shardSize"),
+    ("parallelism 0", with_field(fleetjob_body("bad-2"), "spec.parallelism", 0), "spec.parallelism"),
+    ("quorum above replicas", with_field(fleetjob_body("bad-3"), "spec.verification", {"replicas": 2, "quorum": 3}),
      "quorum must not exceed replicas"),
-    ("unknown runtime", _with(fleetjob_body("bad-4"), "spec.model.runtime", "docker"), "spec.model.runtime"),
-    ("malformed sha256", _with(fleetjob_body("bad-5"), "spec.model.sha256", "xyz"), "spec.model.sha256"),
-    ("missing model", _with(fleetjob_body("bad-6"), "spec.model", None), "spec.model"),
-    ("zero items", _with(fleetjob_body("bad-7"), "spec.input.items", 0), "spec.input.items"),
-    ("accelerator without types", _with(fleetjob_body("bad-8"), "spec.resources", {"accelerator": 1}),
+    ("unknown runtime", with_field(fleetjob_body("bad-4"), "spec.model.runtime", "docker"), "spec.model.runtime"),
+    ("malformed sha256", with_field(fleetjob_body("bad-5"), "spec.model.sha256", "xyz"), "spec.model.sha256"),
+    ("missing model", with_field(fleetjob_body("bad-6"), "spec.model", DELETE), "spec.model"),
+    ("zero items", with_field(fleetjob_body("bad-7"), "spec.input.items", 0), "spec.input.items"),
+    ("accelerator without types", with_field(fleetjob_body("bad-8"), "spec.resources", {"accelerator": 1}),
      "placement.acceleratorTypes must name at least one type"),
-    ("state of charge above 1", _with(vehiclenode_body("bad-car-1"), "spec.policy", {"minStateOfCharge": 1.5}),
+    ("state of charge above 1", with_field(vehiclenode_body("bad-car-1"), "spec.policy", {"minStateOfCharge": 1.5}),
      "spec.policy.minStateOfCharge"),
     ("temperature out of range",
-     _with(vehiclenode_body("bad-car-2"), "spec.policy", {"maxBatteryTemperatureC": 200}),
+     with_field(vehiclenode_body("bad-car-2"), "spec.policy", {"maxBatteryTemperatureC": 200}),
      "spec.policy.maxBatteryTemperatureC"),
     ("hard limit below soft limit",
-     _with(vehiclenode_body("bad-car-3"), "spec.policy", {"maxComputeTemperatureC": 90,
+     with_field(vehiclenode_body("bad-car-3"), "spec.policy", {"maxComputeTemperatureC": 90,
                                                           "hardMaxComputeTemperatureC": 85}),
      "hardMaxComputeTemperatureC must be above maxComputeTemperatureC"),
-    ("a VIN as vehicle id", _with(vehiclenode_body("bad-car-4"), "spec.vehicleId", "5yjsa1e26hf000337"),
+    ("a VIN as vehicle id", with_field(vehiclenode_body("bad-car-4"), "spec.vehicleId", "5yjsa1e26hf000337"),
      "not a VIN"),
     ("negative battery capacity",
-     _with(vehiclenode_body("bad-car-5"), "spec.hardware.batteryCapacityKWh", -1), "batteryCapacityKWh"),
+     with_field(vehiclenode_body("bad-car-5"), "spec.hardware.batteryCapacityKWh", -1), "batteryCapacityKWh"),
     ("malformed availability window",
-     _with(vehiclenode_body("bad-car-6"), "spec.policy", {"availability": [{"start": "7am", "end": "09:00"}]}),
+     with_field(vehiclenode_body("bad-car-6"), "spec.policy", {"availability": [{"start": "7am", "end": "09:00"}]}),
      "spec.policy.availability[0].start"),
 ]
 
@@ -135,7 +123,7 @@ def test_invalid_object_is_refused_at_admission(crds_installed: Cluster, what: s
 
 
 def test_unknown_fields_are_refused_by_strict_validation(crds_installed: Cluster) -> None:
-    body = _with(fleetjob_body("bad-unknown"), "spec.shardSiz", 10)
+    body = with_field(fleetjob_body("bad-unknown"), "spec.shardSiz", 10)
     proc = crds_installed.kubectl("apply", "--validate=strict", "-f", "-", input=json.dumps(body), check=False)
     assert proc.returncode != 0
     assert 'unknown field "spec.shardSiz"' in proc.stderr
@@ -144,7 +132,7 @@ def test_unknown_fields_are_refused_by_strict_validation(crds_installed: Cluster
 def test_status_is_a_subresource(crds_installed: Cluster) -> None:
     crds_installed.kubectl("apply", "-f", "-", input=yaml.safe_dump(fleetjob_body("status-probe")))
     # A user's spec update cannot write status: the main resource ignores it.
-    patched = _with(fleetjob_body("status-probe"), "status", {"phase": "Succeeded"})
+    patched = with_field(fleetjob_body("status-probe"), "status", {"phase": "Succeeded"})
     crds_installed.kubectl("apply", "-f", "-", input=json.dumps(patched))
     got = json.loads(crds_installed.kubectl("get", "fj", "status-probe", "-o", "json").stdout)
     assert "status" not in got or got["status"].get("phase") != "Succeeded"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ from fleetlet_shim.testing import ShimHandle, apply_objects, start_shim, vehicle
 
 from fleetlet.carlink import protocol
 from fleetlet.carlink.protocol import Capacity
+from tests.conftest import until
 from tests.integration.conftest import Cluster
 
 pytestmark = pytest.mark.integration
@@ -56,17 +56,6 @@ def _ready(node: dict[str, Any]) -> str:
     return next((c["status"] for c in node["status"].get("conditions", []) if c["type"] == "Ready"), "Unknown")
 
 
-async def _until(what: str, probe: Any, timeout_s: float, interval_s: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await asyncio.to_thread(probe)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting until {what}")
-        await asyncio.sleep(interval_s)
-
-
 @pytest.fixture
 async def fifty(crds_installed: Cluster, shim: ShimHandle) -> AsyncIterator[tuple[list[dict[str, Any]], list[CarLink]]]:
     bodies = vehiclenodes(50, seed=7, prefix="fifty")
@@ -79,7 +68,7 @@ async def fifty(crds_installed: Cluster, shim: ShimHandle) -> AsyncIterator[tupl
 
 async def test_fifty_cars_become_ready_nodes(crds_installed: Cluster, shim: ShimHandle, fifty: Any) -> None:
     bodies, _ = fifty
-    nodes = await _until(
+    nodes = await until(
         "50 car Nodes are Ready",
         lambda: (n := _nodes(crds_installed, "fifty-")) and len(n) == 50
         and all(_ready(x) == "True" for x in n.values()) and n,
@@ -113,7 +102,7 @@ async def test_fifty_cars_become_ready_nodes(crds_installed: Cluster, shim: Shim
         return datetime.strptime(lease["spec"]["renewTime"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
     first = renew_time()
-    await _until("the Lease is renewed", lambda: renew_time() > first, timeout_s=20)
+    await until("the Lease is renewed", lambda: renew_time() > first, timeout_s=20)
     metrics = shim.metrics()
     assert metrics["fleetlet_shim_cars_connected"] >= 50
     assert metrics["fleetlet_shim_nodes_ready"] >= 50
@@ -127,7 +116,7 @@ async def test_a_car_that_goes_away_is_marked_not_ready_by_the_controller_manage
     apply_objects(crds_installed, [body])
     link = _link(shim, body)
     await _connect([link])
-    await _until("the car's Node is Ready", lambda: _ready(_nodes(crds_installed, name).get(name, {"status": {}})) == "True",
+    await until("the car's Node is Ready", lambda: _ready(_nodes(crds_installed, name).get(name, {"status": {}})) == "True",
                  timeout_s=30)
     await link.close()
 
@@ -137,7 +126,7 @@ async def test_a_car_that_goes_away_is_marked_not_ready_by_the_controller_manage
         return _ready(node) != "True" and bool(keys & {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"})
 
     # The shim stops renewing the Lease and reports the link loss; the node lifecycle controller taints the Node.
-    await _until("the controller-manager taints the Node NotReady", tainted, timeout_s=60)
+    await until("the controller-manager taints the Node NotReady", tainted, timeout_s=60)
     node = _nodes(crds_installed, name)[name]
     assert ("fleetlet.io/vehicle", "NoSchedule") in {(t["key"], t["effect"]) for t in node["spec"]["taints"]}
 
@@ -174,7 +163,7 @@ async def test_a_forged_message_about_another_car_is_refused(crds_installed: Clu
             vn = json.loads(crds_installed.kubectl("get", "vn", name, "-o", "json").stdout)
             return vn.get("status", {}).get("telemetry", {}).get("stateOfCharge")
 
-        await _until("alice's own telemetry is mirrored", lambda: soc(a_name) == 0.77, timeout_s=20)
+        await until("alice's own telemetry is mirrored", lambda: soc(a_name) == 0.77, timeout_s=20)
         assert soc(b_name) != 0.11, "a forged report changed another car's status"
     assert shim.metrics()['fleetlet_shim_link_messages_refused_total{reason="wrongCar"}'] >= 1.0
     await bob_link.close()

@@ -25,6 +25,7 @@ from fleetlet.api.v1alpha1 import VehicleNodeSpec
 from fleetlet.api.v1alpha1.shard import ShardAssignment
 from fleetlet.artifacts import BlobStore
 from fleetlet.models.digits import DigitsArtifacts, build_digits, predict_onnx
+from tests.conftest import until
 from tests.integration.conftest import Cluster
 
 # The cars live on one event loop for the whole module, like a fleet simulator process.
@@ -75,7 +76,7 @@ async def cars(crds_installed: Cluster, shim: ShimHandle, tmp_path_factory: pyte
         for i in range(len(specs)):
             harness.fleet.set_state_of_charge(i, 0.9)
             harness.fleet.set_drive_state(i, "Parked")
-        await _until("every car's Node is Ready", lambda: _ready_nodes(crds_installed, "podcar-") == 4, 60)
+        await until("every car's Node is Ready", lambda: _ready_nodes(crds_installed, "podcar-") == 4, 60)
         yield harness
 
 
@@ -83,17 +84,6 @@ def _ready_nodes(cluster: Cluster, prefix: str) -> int:
     nodes = json.loads(cluster.kubectl("get", "nodes", "-l", "fleetlet.io/vehicle=true", "-o", "json").stdout)
     return sum(1 for n in nodes["items"] if n["metadata"]["name"].startswith(prefix)
                and any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"]))
-
-
-async def _until(what: str, probe: Any, timeout_s: float, interval_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await asyncio.to_thread(probe)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting until {what}")
-        await asyncio.sleep(interval_s)
 
 
 def shard_pod(name: str, car: str, model: str, shard: str, items: int) -> dict[str, Any]:
@@ -155,7 +145,7 @@ async def test_a_shard_pod_runs_real_inference_on_a_car_and_succeeds(
 ) -> None:
     pod = shard_pod("digits-shard-0", "podcar-000000", shards["model"], shards["short"], shards["short_items"])
     apply_objects(crds_installed, [pod])
-    await _until("the pod succeeds", lambda: _phase(crds_installed, "digits-shard-0") == "Succeeded", 90)
+    await until("the pod succeeds", lambda: _phase(crds_installed, "digits-shard-0") == "Succeeded", 90)
     got = _pod(crds_installed, "digits-shard-0")
     assert got is not None and got["spec"]["nodeName"] == "podcar-000000"  # placed by the real scheduler
     status = got["status"]["containerStatuses"][0]
@@ -181,12 +171,12 @@ async def test_deleting_a_pod_stops_it_on_the_car(
     car = "podcar-000001"
     apply_objects(crds_installed, [shard_pod("long-delete", car, shards["model"], shards["long"],
                                              shards["long_items"])])
-    await _until("the shard is running", lambda: _phase(crds_installed, "long-delete") == "Running"
+    await until("the shard is running", lambda: _phase(crds_installed, "long-delete") == "Running"
                  and cars.agents[car].running == 1, 60)
     crds_installed.kubectl("delete", "pod", "long-delete", "-n", NS, "--wait=false")
     # Graceful termination: the car stops (checkpoint, exit), the shim confirms and the pod is gone.
-    await _until("the pod is gone", lambda: _pod(crds_installed, "long-delete") is None, 30)
-    await _until("the car runs nothing", lambda: cars.agents[car].running == 0, 10)
+    await until("the pod is gone", lambda: _pod(crds_installed, "long-delete") is None, 30)
+    await until("the car runs nothing", lambda: cars.agents[car].running == 0, 10)
 
 
 async def test_a_car_that_starts_driving_stops_its_work_at_once(
@@ -195,7 +185,7 @@ async def test_a_car_that_starts_driving_stops_its_work_at_once(
     car = "podcar-000002"
     apply_objects(crds_installed, [shard_pod("long-drive", car, shards["model"], shards["long"],
                                              shards["long_items"])])
-    await _until("the shard has checkpointed work", lambda: _phase(crds_installed, "long-drive") == "Running"
+    await until("the shard has checkpointed work", lambda: _phase(crds_installed, "long-drive") == "Running"
                  and "checkpoint=sha256:" in _progress(crds_installed, "long-drive"), 60)
     agent = cars.agents[car]
     pids = [h.run.pid for h in agent._held.values() if h.run is not None and h.run.pid]
@@ -204,7 +194,7 @@ async def test_a_car_that_starts_driving_stops_its_work_at_once(
     trip = agent.reflex.last_trip
     assert _dead_or_dying(pids[0]), "the sandbox still runs after the car left Parked"
     assert trip is not None and trip.latency_ns < 100_000_000, "the reflex target is 100 ms"
-    await _until("the pod fails as CarLeftParked",
+    await until("the pod fails as CarLeftParked",
                  lambda: (_pod(crds_installed, "long-drive") or {}).get("status", {}).get("reason") == "CarLeftParked",
                  30)
     pod = _pod(crds_installed, "long-drive")
@@ -216,7 +206,7 @@ async def test_a_car_that_starts_driving_stops_its_work_at_once(
         vn = json.loads(crds_installed.kubectl("get", "vn", car, "-o", "json").stdout)
         return vn.get("status", {}).get("telemetry", {}).get("driveState")
 
-    await _until("the VehicleNode shows the car driving", lambda: drive_state() == "Driving", 20)
+    await until("the VehicleNode shows the car driving", lambda: drive_state() == "Driving", 20)
     cars.set_drive_state(car, "Parked")
 
 
@@ -226,11 +216,37 @@ async def test_a_shim_restart_loses_nothing_and_runs_nothing_twice(
     car = "podcar-000003"
     items = shards["short_items"] * 20  # about 10 s of work at batch 1
     apply_objects(crds_installed, [shard_pod("survivor", car, shards["model"], shards["long"], items)])
-    await _until("the shard is running", lambda: _phase(crds_installed, "survivor") == "Running", 60)
+    await until("the shard is running", lambda: _phase(crds_installed, "survivor") == "Running", 60)
     restarted_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     await asyncio.to_thread(shim.restart)  # the car keeps working through the shim's absence
-    await _until("the pod succeeds after the restart", lambda: _phase(crds_installed, "survivor") == "Succeeded", 120)
+    await until("the pod succeeds after the restart", lambda: _phase(crds_installed, "survivor") == "Succeeded", 120)
     term = _pod(crds_installed, "survivor")["status"]["containerStatuses"][0]["state"]["terminated"]  # type: ignore[index]
     assert json.loads(term["message"])["itemsDone"] == items
     # The run that finished is the one that started before the restart: the shard was not started again.
     assert term["startedAt"] <= restarted_at, (term["startedAt"], restarted_at)
+
+
+async def test_a_pod_the_car_cannot_run_fails_with_a_clear_reason(
+    crds_installed: Cluster, cars: SimFleetHarness, shards: dict[str, Any]
+) -> None:
+    car = "podcar-000000"
+    no_sandbox = shard_pod("no-sandbox", car, shards["model"], shards["short"], shards["short_items"])
+    del no_sandbox["spec"]["runtimeClassName"]  # an ordinary container pod that tolerates the car taint
+    no_sandbox["spec"]["tolerations"] = [{"key": "fleetlet.io/vehicle", "operator": "Exists"}]
+    too_big = shard_pod("too-big", car, shards["model"], shards["short"], shards["short_items"])
+    too_big["spec"]["nodeName"] = car  # bound directly, past the scheduler's fit check
+    del too_big["spec"]["nodeSelector"]
+    too_big["spec"]["containers"][0]["resources"]["requests"]["memory"] = "900Gi"
+    apply_objects(crds_installed, [no_sandbox, too_big])
+
+    def reason(name: str) -> tuple[str | None, str]:
+        status = (_pod(crds_installed, name) or {}).get("status", {})
+        return status.get("reason"), status.get("message", "")
+
+    await until("both pods fail", lambda: _phase(crds_installed, "no-sandbox") == "Failed"
+                 and _phase(crds_installed, "too-big") == "Failed", 30)
+    r, message = reason("no-sandbox")
+    assert r == "UnsupportedRuntime" and "cars run only sandboxed models" in message
+    r, message = reason("too-big")
+    assert r == "OutOfmemory" and "900Gi" in message
+    assert cars.agents[car].assignment(_pod(crds_installed, "too-big")["metadata"]["uid"]) is None  # type: ignore[index]

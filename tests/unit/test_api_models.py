@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from fleetlet.api.v1alpha1 import FleetJob, VehicleNode, get_condition, set_condition
 from fleetlet.api.v1alpha1 import taints as t
-from tests.conftest import EXAMPLES, fleetjob_body, vehiclenode_body
+from tests.conftest import DELETE, EXAMPLES, fleetjob_body, vehiclenode_body, with_field
 
 
 def test_examples_are_valid_objects() -> None:
@@ -45,27 +45,13 @@ def test_fleetjob_defaults() -> None:
     assert job.wire()["spec"]["shardSize"] == 256
 
 
-def _set(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    node = body
-    keys = path.split(".")
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    if value is _DELETE:
-        node.pop(keys[-1])
-    else:
-        node[keys[-1]] = value
-    return body
-
-
-_DELETE = object()
-
 INVALID_FLEETJOBS = [
     ("spec.shardSize", -5, "shardSize"),
     ("spec.parallelism", 0, "parallelism"),
     ("spec.verification", {"replicas": 2, "quorum": 3}, "quorum must not exceed replicas"),
     ("spec.model.runtime", "docker", "runtime"),
     ("spec.model.sha256", "not-a-digest", "sha256"),
-    ("spec.model", _DELETE, "model"),
+    ("spec.model", DELETE, "model"),
     ("spec.input.items", 0, "items"),
     ("spec.model.uri", "ftp://example/x", "uri"),
     ("spec.resources", {"accelerator": 1}, "acceleratorTypes"),
@@ -77,7 +63,7 @@ INVALID_FLEETJOBS = [
 @pytest.mark.parametrize(("path", "value", "needle"), INVALID_FLEETJOBS, ids=[c[0] for c in INVALID_FLEETJOBS])
 def test_invalid_fleetjob_is_refused_naming_the_field(path: str, value: Any, needle: str) -> None:
     with pytest.raises(ValidationError) as err:
-        FleetJob.model_validate(_set(fleetjob_body(), path, value))
+        FleetJob.model_validate(with_field(fleetjob_body(), path, value))
     assert needle in str(err.value)
 
 
@@ -98,7 +84,7 @@ INVALID_VEHICLENODES = [
 )
 def test_invalid_vehiclenode_is_refused_naming_the_field(path: str, value: Any, needle: str) -> None:
     with pytest.raises(ValidationError) as err:
-        VehicleNode.model_validate(_set(vehiclenode_body(), path, value))
+        VehicleNode.model_validate(with_field(vehiclenode_body(), path, value))
     assert needle in str(err.value)
 
 
