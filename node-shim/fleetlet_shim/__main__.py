@@ -75,7 +75,9 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     )
     signer = GrantSigner(await asyncio.to_thread(Path(args.grant_key_file).read_bytes))
     store = BlobStore(args.artifact_dir)
-    async with KubeClient(KubeConfig.load(args.kubeconfig), observer=metrics.observe_call,
+    # Connections: every write in flight, plus the two long-lived watches.
+    async with KubeClient(KubeConfig.load(args.kubeconfig), max_connections=settings.api_concurrency + 8,
+                          observer=metrics.observe_call,
                           on_retry=metrics.observe_retry) as kube:
         shim = Shim(kube, signer, metrics, settings)
         link = LinkServer(

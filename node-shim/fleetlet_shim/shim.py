@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ class ShimSettings:
     status_report_interval_s: float = 300.0  # kubelet's nodeStatusReportFrequency
     telemetry_min_interval_s: float = 60.0  # per car, unless a safety-relevant field changed
     max_pods_per_car: int = 4
-    api_concurrency: int = 32
+    api_concurrency: int = 64  # writes in flight; 5,000 cars renewing every 25 s need ~200 writes/s
     grant_ttl_s: float = 6 * 3600
     log_lines_per_pod: int = 5000
     reconnect_grace_s: float = 2.0  # a link that is back within this long is not reported NotReady
@@ -84,6 +85,7 @@ class CarState:
     registered: bool = False
     held: set[str] = field(default_factory=set)  # pod uids the car runs or holds
     stopping: set[str] = field(default_factory=set)
+    lease_exists: bool = True  # False until the first renewal of a newly registered car creates it
     generation: int = 0  # bumped on every (re)connect; a stale bring-up task sees it and stops
     telemetry: dict[str, Any] | None = None
     telemetry_written: dict[str, Any] | None = None
@@ -427,8 +429,15 @@ class Shim:
                 )
             car.node_uid = applied["metadata"]["uid"]
         car.status_written_at = time.monotonic()
-        await self._renew_lease(car, due=time.monotonic(), create=new_node)
-        car.registered = True  # Node, status and Lease are all written
+        car.registered = True
+        if new_node:
+            # One write per new car: the Node was created with a fresh Ready heartbeat, which the node lifecycle
+            # controller honours until a Lease exists. The Lease is created by the first renewal, at a random
+            # point of the first interval, so a fleet coming online does not double the write burst.
+            car.lease_exists = False
+            self._schedule_lease(car.name, time.monotonic() + random.uniform(0.1, 1.0) * self.settings.lease_renew_interval_s)
+        else:
+            await self._renew_lease(car, due=time.monotonic())
         self._update_ready_gauge()
 
     async def car_message(self, car: str, msg: CarMessage) -> None:
@@ -532,8 +541,14 @@ class Shim:
         self.metrics.telemetry_writes.inc()
 
     # ------------------------------------------------------------------ leases
-    async def _renew_lease(self, car: CarState, due: float, create: bool = False) -> None:
-        """One write: PATCH the renewTime (or POST the Lease when ``create``; each falls back to the other)."""
+    def _schedule_lease(self, name: str, due: float) -> None:
+        self._lease_due[name] = due
+        heapq.heappush(self._lease_heap, (due, name))
+        self._lease_wakeup.set()
+
+    async def _renew_lease(self, car: CarState, due: float) -> None:
+        """One write: PATCH the renewTime, or POST the Lease the first time (each falls back to the other)."""
+        create = not car.lease_exists
         name = car.name
         now = datetime.now(UTC)
         leases = resource_path("coordination.k8s.io/v1", "leases", nodes.NODE_LEASE_NAMESPACE)
@@ -552,15 +567,13 @@ class Shim:
                         await self.kube.create(leases, body)
                     else:
                         raise
+            car.lease_exists = True
             self.metrics.lease_renewals.inc()
             self.metrics.lease_lag.observe(max(0.0, time.monotonic() - due))
         except ApiError as exc:
             log.warning("car %s: lease renewal failed: %s", name, exc)
         # Spread renewals: each car keeps its own phase, so 5,000 cars make a steady trickle, not a burst.
-        next_due = due + self.settings.lease_renew_interval_s
-        self._lease_due[name] = next_due
-        heapq.heappush(self._lease_heap, (next_due, name))
-        self._lease_wakeup.set()
+        self._schedule_lease(name, due + self.settings.lease_renew_interval_s)
 
     async def _lease_loop(self) -> None:
         while True:

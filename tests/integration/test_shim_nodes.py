@@ -101,6 +101,11 @@ async def test_fifty_cars_become_ready_nodes(crds_installed: Cluster, shim: Shim
         assert lease["spec"]["holderIdentity"] == lease_name
         return datetime.strptime(lease["spec"]["renewTime"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
+    def lease_exists() -> bool:
+        return crds_installed.kubectl("get", "lease", "-n", "kube-node-lease", lease_name, check=False).returncode == 0
+
+    # A new car's Lease is created by its first renewal, within one renewal interval of registration.
+    await until("the car's Lease exists", lease_exists, timeout_s=20)
     first = renew_time()
     await until("the Lease is renewed", lambda: renew_time() > first, timeout_s=20)
     metrics = shim.metrics()
