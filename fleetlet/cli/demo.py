@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from fleetlet.api.v1alpha1 import VehicleNode
 from fleetlet.api.v1alpha1.shard import ShardAssignment
@@ -70,7 +69,6 @@ def stop_processes(state: Path) -> list[str]:
 def run_demo(cluster: LocalCluster, state: Path, cars: int = 12, seed: int = 42, shard_size: int = 300) -> int:
     from fleetlet_car.runtime.results import load_arrays
     from fleetlet_car.sim import make_vehicle_specs
-    from fleetlet_car.sim.runner import vehiclenodes_yaml
     from fleetlet_shim.testing import apply_objects, launch_shim
 
     from fleetlet.models import default_cache_dir
@@ -87,7 +85,6 @@ def run_demo(cluster: LocalCluster, state: Path, cars: int = 12, seed: int = 42,
     specs = make_vehicle_specs(cars, seed)
     bodies = [VehicleNode(metadata={"name": s.vehicle_id}, spec=s).wire(exclude={"status"})  # type: ignore[arg-type]
               for s in specs]
-    assert yaml.safe_load_all(vehiclenodes_yaml(specs))  # the same manifests `fleetlet-sim --print-vehiclenodes` prints
     apply_objects(cluster, bodies)
     _progress(f"starting fleetlet-sim: {cars} simulated cars (vehicle physics simulated; agent, link and sandbox real)")
     sim_dir = state / "sim"
