@@ -214,7 +214,7 @@ async def test_a_shim_restart_loses_nothing_and_runs_nothing_twice(
     crds_installed: Cluster, shim: ShimHandle, cars: SimFleetHarness, shards: dict[str, Any],
 ) -> None:
     car = "podcar-000003"
-    items = shards["short_items"] * 20  # about 10 s of work at batch 1
+    items = 300_000  # about 10 s of work at batch 1: the shim restarts while the car works
     apply_objects(crds_installed, [shard_pod("survivor", car, shards["model"], shards["long"], items)])
     await until("the shard is running", lambda: _phase(crds_installed, "survivor") == "Running", 60)
     restarted_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
