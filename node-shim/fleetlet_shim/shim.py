@@ -148,6 +148,7 @@ class Shim:
         self._pending_status: dict[str, dict[str, Any]] = {}
         self._status_wakeup = asyncio.Event()
         self._telemetry_wakeup = asyncio.Event()
+        self._telemetry_dirty: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._waiting: dict[str, Hello] = {}  # connected cars whose VehicleNode has not been seen yet
@@ -168,6 +169,7 @@ class Shim:
             asyncio.create_task(self._lease_loop(), name="lease-loop"),
             asyncio.create_task(self._status_flusher(), name="pod-status-flusher"),
             asyncio.create_task(self._telemetry_flusher(), name="telemetry-flusher"),
+            asyncio.create_task(self._gauge_loop(), name="gauges"),
         ]
         await asyncio.wait_for(pod_informer.synced.wait(), timeout=60)
 
@@ -338,17 +340,26 @@ class Shim:
             return
         if uid in self.pods:
             self.pods[uid] = updated
-        self._update_pod_gauge()
         if podstatus.is_terminal(updated):
             await self._sync_pod(uid)
 
-    def _update_pod_gauge(self) -> None:
-        counts: dict[str, int] = {p: 0 for p in ("Pending", "Running", "Succeeded", "Failed")}
-        for pod in self.pods.values():
-            phase = pod.get("status", {}).get("phase", "Pending")
-            counts[phase] = counts.get(phase, 0) + 1
-        for phase, n in counts.items():
-            self.metrics.pods.labels(phase).set(n)
+    async def _gauge_loop(self) -> None:
+        """Refresh the gauges once a second: counting on every event would cost O(cars) per connect and
+        O(pods) per status write, quadratic while a fleet registers."""
+        while True:
+            connected = ready = 0
+            for c in self.cars.values():
+                connected += c.connected
+                ready += c.connected and c.registered
+            self.metrics.cars_connected.set(connected)
+            self.metrics.nodes_ready.set(ready)
+            counts = dict.fromkeys(("Pending", "Running", "Succeeded", "Failed"), 0)
+            for pod in self.pods.values():
+                phase = pod.get("status", {}).get("phase", "Pending")
+                counts[phase] = counts.get(phase, 0) + 1
+            for phase, n in counts.items():
+                self.metrics.pods.labels(phase).set(n)
+            await asyncio.sleep(1.0)
 
     # ------------------------------------------------------------------ LinkHandler
     async def car_connected(self, car: str, hello: Hello) -> None:
@@ -376,7 +387,6 @@ class Shim:
         state.generation += 1
         # Reports about the pods bound to this car are accepted from now on (replays after a shim restart too).
         self.link.set_assignments(car, set(self.pods_by_node.get(car, set())))
-        self.metrics.cars_connected.set(sum(1 for c in self.cars.values() if c.connected))
         task = asyncio.create_task(self._bring_up(state, hello, state.generation), name=f"bring-up-{car}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -438,7 +448,6 @@ class Shim:
             self._schedule_lease(car.name, time.monotonic() + random.uniform(0.1, 1.0) * self.settings.lease_renew_interval_s)
         else:
             await self._renew_lease(car, due=time.monotonic())
-        self._update_ready_gauge()
 
     async def car_message(self, car: str, msg: CarMessage) -> None:
         state = self.cars.get(car)
@@ -458,7 +467,6 @@ class Shim:
         if state is None:
             return
         state.connected = False
-        self.metrics.cars_connected.set(sum(1 for c in self.cars.values() if c.connected))
         log.info("car %s: link down (%s); its Lease will lapse", car, reason)
         if reason == "replaced":
             return  # a newer connection for the same car follows at once
@@ -482,14 +490,10 @@ class Shim:
                                       nodes.node_status_apply(car.name, status), FIELD_MANAGER)
         except ApiError as exc:
             log.warning("car %s: could not mark the Node NotReady: %s", car.name, exc)
-        self._update_ready_gauge()
         for uid in list(self.pods_by_node.get(car.name, set())):
             pod = self.pods.get(uid)
             if pod is not None and pod["metadata"].get("deletionTimestamp"):
                 await self._finish_deletion(pod)
-
-    def _update_ready_gauge(self) -> None:
-        self.metrics.nodes_ready.set(sum(1 for c in self.cars.values() if c.connected and c.registered))
 
     async def _on_pod_status(self, car: CarState, msg: PodStatus) -> None:
         pod = self.pods.get(msg.uid)
@@ -507,6 +511,7 @@ class Shim:
         if car.telemetry is not None:
             self.metrics.telemetry_coalesced.inc()
         car.telemetry = _rounded(msg.telemetry.wire())
+        self._telemetry_dirty.add(car.name)
         self._telemetry_wakeup.set()
 
     def _telemetry_due(self, car: CarState, now: float) -> bool:
@@ -525,7 +530,15 @@ class Shim:
                 pass
             self._telemetry_wakeup.clear()
             now = time.monotonic()
-            due = [c for c in self.cars.values() if self._telemetry_due(c, now)]
+            due = []
+            for name in list(self._telemetry_dirty):  # only cars with news, not the whole fleet
+                car = self.cars.get(name)
+                if car is None or car.telemetry == car.telemetry_written:
+                    self._telemetry_dirty.discard(name)
+                elif self._telemetry_due(car, now):
+                    self._telemetry_dirty.discard(name)
+                    due.append(car)
+                # else: rate-limited; it stays dirty and is looked at again within 5 s
             await asyncio.gather(*(self._write_telemetry(c) for c in due))
 
     async def _write_telemetry(self, car: CarState) -> None:
@@ -536,6 +549,7 @@ class Shim:
                 await self.kube.patch(path, {"status": {"telemetry": body}})
         except ApiError as exc:
             log.warning("car %s: telemetry write failed: %s", car.name, exc)
+            self._telemetry_dirty.add(car.name)  # retried on the next pass
             return
         car.telemetry_written, car.telemetry_written_at = body, time.monotonic()
         self.metrics.telemetry_writes.inc()
