@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetlet_car.link import CarLink, CarLinkConfig, car_ssl_context
-from fleetlet_shim.testing import apply_objects, start_shim, vehiclenodes
+from fleetlet.cli.local import apply_objects, start_shim, vehiclenodes
 
 from fleetlet.carlink.protocol import Capacity
 from fleetlet.localcluster import LocalCluster

@@ -8,7 +8,14 @@ WebSocket ping frames, not JSON, so an idle car costs a few bytes a minute (targ
 
 Car → shim: ``hello`` (first message: who the car is, what it offers, which assignments it still holds, so
 work resumes after a reconnect or a shim restart), ``telemetry``, ``podStatus``, ``log``, ``pong``.
-Shim → car: ``welcome``, ``assign``, ``stop``, ``ping``, ``error``.
+Shim → car: ``welcome``, ``policy`` (the owner's current rules, right after welcome and whenever they change),
+``assign`` (a ``ShardAssignment``, the one shard contract, plus the grant to fetch it), ``stop``, ``ack`` (a final
+``podStatus`` is stored in the API: the car may forget the assignment), ``redirect`` (another shim replica serves
+this car: dial it), ``ping``, ``error``.
+
+Delivery: the car keeps every assignment and the latest status of each until the shim acks the final one, and
+lists what it holds in each hello; the shim acks only after the pod's status is written. So nothing reported is
+lost to a dropped link or a crashed shim, and nothing is acted on twice.
 
 This module is pure data. It must never do I/O, never import the shim or the car agent, and never let bytes
 from the network become a message except through ``decode``, which bounds their size and reports precisely
@@ -25,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic.alias_generators import to_camel
 
 from fleetlet.api.v1alpha1.meta import DnsLabel, Quantity, Sha256
-from fleetlet.api.v1alpha1.vehiclenode import Accelerator, Telemetry
+from fleetlet.api.v1alpha1.shard import ShardAssignment, ShardCheckpoint
+from fleetlet.api.v1alpha1.vehiclenode import Accelerator, Policy, Telemetry
 
 MAX_MESSAGE_BYTES = 64 * 1024
 """Largest message a link accepts; bigger frames are refused (``Refusal.OVERSIZED``)."""
@@ -55,6 +63,7 @@ class Refusal(StrEnum):
     FOREIGN_ASSIGNMENT = "foreignAssignment"  # about an assignment this car was not given
     OUT_OF_ORDER = "outOfOrder"  # seq not above the previous one, or a second hello
     NOT_HELLO = "notHello"  # the first message of a connection must be hello
+    WRONG_REPLICA = "wrongReplica"  # another shim replica serves this car (and its address is not known here)
 
 
 class ProtocolError(ValueError):
@@ -76,11 +85,11 @@ class _Wire(BaseModel):
 # ---- shared parts ---------------------------------------------------------------------------------------
 
 
-class Checkpoint(_Wire):
-    """A saved state of an assignment in the artifact store: work resumes from it, elsewhere if need be."""
+Checkpoint = ShardCheckpoint
+"""A saved state of an assignment in the artifact store (``sha256``, ``itemsDone``): the shard contract's own."""
 
-    digest: Sha256
-    items_done: ItemCount = Field(description="Items of the shard's range that the checkpoint covers.")
+# An ONNX Runtime execution provider name, e.g. CPUExecutionProvider, CUDAExecutionProvider.
+Provider = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9]*$")]
 
 
 class Capacity(_Wire):
@@ -122,6 +131,9 @@ class Hello(_FromCar):
     type: Literal["hello"] = "hello"
     agent_version: Annotated[str, Field(min_length=1, max_length=64)]
     runtimes: list[DnsLabel] = Field(max_length=8, description="Runtimes the car offers, e.g. ['onnx'].")
+    providers: list[Provider] = Field(
+        default_factory=list, max_length=16, description="Execution providers the car's ONNX Runtime offers."
+    )
     capacity: Capacity
     assignments: list[HeldAssignment] = Field(default_factory=list, max_length=64)
 
@@ -139,6 +151,8 @@ class PodStatus(_FromCar):
     items_done: ItemCount = 0
     checkpoint: Checkpoint | None = None
     result_digest: Sha256 | None = None
+    provider: Provider | None = Field(default=None, description="The execution provider that ran the shard.")
+    energy_kwh: float = Field(default=0.0, ge=0.0, le=1000.0, description="Work energy metered for it, kWh.")
 
 
 class Log(_FromCar):
@@ -174,38 +188,6 @@ class Welcome(_FromShim):
     max_message_bytes: int = Field(gt=0, le=16 * 1024 * 1024)
 
 
-class ModelRef(_Wire):
-    digest: Sha256
-    runtime: DnsLabel
-
-
-class InputRef(_Wire):
-    """Items ``[start, end)`` of the input artifact ``digest``."""
-
-    digest: Sha256
-    format: DnsLabel
-    start: ItemCount
-    end: ItemCount
-
-    @model_validator(mode="after")
-    def _range(self) -> InputRef:
-        if self.end <= self.start:
-            raise ValueError("end must be above start")
-        return self
-
-
-class Resources(_Wire):
-    cpu: Quantity
-    memory: Quantity
-    accelerator: DnsLabel | None = None
-
-
-class Shard(_Wire):
-    model: ModelRef
-    input: InputRef
-    resources: Resources
-
-
 class Grant(_Wire):
     """What lets the car fetch this assignment's artifacts (and nothing else) until it expires."""
 
@@ -215,13 +197,14 @@ class Grant(_Wire):
 
 
 class Assign(_FromShim):
+    """Run ``assignment`` (exactly what the pod carries: ``ShardAssignment.from_pod``) as the pod ``uid``."""
+
     type: Literal["assign"] = "assign"
     uid: Uid
     namespace: DnsLabel
     name: CarName  # a pod name has the same grammar as a Node name
-    shard: Shard
+    assignment: ShardAssignment
     grant: Grant
-    resume_from: Checkpoint | None = None
 
 
 class Stop(_FromShim):
@@ -229,6 +212,30 @@ class Stop(_FromShim):
     uid: Uid
     grace_seconds: float = Field(default=30.0, ge=0.0, le=3600.0)
     reason: Reason | None = None
+
+
+class Ack(_FromShim):
+    """The final status of ``uid`` is stored (or the pod is gone): the car may forget the assignment."""
+
+    type: Literal["ack"] = "ack"
+    uid: Uid
+
+
+class Redirect(_FromShim):
+    """This shim replica does not serve the car: dial ``url`` (the replica that does) instead."""
+
+    type: Literal["redirect"] = "redirect"
+    url: Annotated[str, Field(max_length=2048, pattern=r"^wss?://")]
+    replica: int = Field(ge=0, le=10_000)
+
+
+class OwnerPolicy(_FromShim):
+    """The owner's current rules for this car (its VehicleNode spec): the agent enforces them itself."""
+
+    type: Literal["policy"] = "policy"
+    policy: Policy
+    paused: bool = False
+    generation: int = Field(default=0, ge=0)
 
 
 class Ping(_FromShim):
@@ -245,9 +252,12 @@ class Error(_FromShim):
 
 
 CarMessage = Annotated[Hello | TelemetryReport | PodStatus | Log | Pong, Field(discriminator="type")]
-ShimMessage = Annotated[Welcome | Assign | Stop | Ping | Error, Field(discriminator="type")]
+ShimMessage = Annotated[
+    Welcome | OwnerPolicy | Assign | Stop | Ack | Redirect | Ping | Error, Field(discriminator="type")
+]
 Message = Annotated[
-    Hello | TelemetryReport | PodStatus | Log | Pong | Welcome | Assign | Stop | Ping | Error,
+    Hello | TelemetryReport | PodStatus | Log | Pong
+    | Welcome | OwnerPolicy | Assign | Stop | Ack | Redirect | Ping | Error,
     Field(discriminator="type"),
 ]
 

@@ -69,8 +69,8 @@ def stop_processes(state: Path) -> list[str]:
 def run_demo(cluster: LocalCluster, state: Path, cars: int = 12, seed: int = 42, shard_size: int = 300) -> int:
     from fleetlet_car.runtime.results import load_arrays
     from fleetlet_car.sim import make_vehicle_specs
-    from fleetlet_shim.testing import apply_objects, launch_shim
 
+    from fleetlet.cli.local import apply_objects, launch_shim
     from fleetlet.models import default_cache_dir
     from fleetlet.models.digits import build_digits, predict_onnx
 

@@ -55,6 +55,15 @@ class ApiError(Exception):
     def gone(self) -> bool:
         return self.status == 410
 
+    @property
+    def forbidden(self) -> bool:
+        return self.status == 403
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying as is: throttled or a server-side failure."""
+        return self.status == 429 or self.status >= 500
+
 
 @dataclass(frozen=True)
 class RetryPolicy:

@@ -4,15 +4,19 @@ a pod (as the kubelet's admission does). No I/O.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import UTC, datetime
 from typing import Any
 
-from fleetlet.api.v1alpha1.shard import RUNTIME_CLASSES, ShardAssignment
+from fleetlet.api.v1alpha1.shard import (
+    PROGRESS_CONDITION,
+    RUNTIME_CLASSES,
+    RUNTIME_CONDITION,
+    ShardAssignment,
+    ShardReport,
+)
+from fleetlet.api.v1alpha1.taints import RESOURCE_ACCELERATOR
 from fleetlet.carlink.protocol import PodStatus
-
-PROGRESS_CONDITION = "fleetlet.io/Progress"
 
 _QTY = re.compile(r"^([0-9.]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _MULT = {
@@ -46,8 +50,10 @@ class Rejection(Exception):
         self.message = message
 
 
-def admit(pod: dict[str, Any], runtimes: list[str], capacity: dict[str, str]) -> ShardAssignment:
-    """Check that the car can run ``pod``; return its assignment or raise ``Rejection``."""
+def admit(pod: dict[str, Any], runtimes: list[str], capacity: dict[str, str],
+          accelerator_type: str | None = None) -> ShardAssignment:
+    """Check that the car can run ``pod``; return its assignment (``ShardAssignment.from_pod``, the one parser,
+    with the car's accelerator type filled in when the pod asks for an accelerator) or raise ``Rejection``."""
     spec = pod.get("spec", {})
     rc = spec.get("runtimeClassName")
     runtime = RUNTIME_CLASSES.get(rc or "")
@@ -67,14 +73,20 @@ def admit(pod: dict[str, Any], runtimes: list[str], capacity: dict[str, str]) ->
         raise Rejection("InvalidAssignment", str(exc)) from None
     if assignment.model.runtime != runtime:
         raise Rejection("UnsupportedRuntime", f"the model needs {assignment.model.runtime!r}, the pod asks {rc!r}")
-    requests = spec["containers"][0].get("resources", {}).get("requests", {}) or {}
-    for resource in ("cpu", "memory"):
-        if resource in requests and resource in capacity:
-            if quantity(requests[resource]) > quantity(capacity[resource]):
-                raise Rejection(
-                    f"OutOf{resource}",
-                    f"the pod requests {resource} {requests[resource]}, the car has {capacity[resource]}",
-                )
+    wanted = assignment.resources
+    for resource, amount in (("cpu", wanted.cpu), ("memory", wanted.memory)):
+        if resource in capacity and quantity(amount) > quantity(capacity[resource]):
+            raise Rejection(
+                f"OutOf{resource}", f"the pod requests {resource} {amount}, the car has {capacity[resource]}"
+            )
+    if wanted.accelerator:
+        have = int(capacity.get(RESOURCE_ACCELERATOR, "0"))
+        if wanted.accelerator > have or accelerator_type is None:
+            raise Rejection(
+                "OutOfaccelerator",
+                f"the pod requests {wanted.accelerator} {RESOURCE_ACCELERATOR}, the car has {have}",
+            )
+        wanted.accelerator_type = accelerator_type
     return assignment
 
 
@@ -103,12 +115,7 @@ def status_from_report(pod: dict[str, Any], msg: PodStatus, host_ip: str) -> dic
             "containerID": f"fleetlet://{msg.uid}",
         }
         # The kubelet puts a container's termination message here; a shard's is its result.
-        summary = {"itemsDone": msg.items_done}
-        if msg.result_digest:
-            summary["resultSha256"] = msg.result_digest  # type: ignore[assignment]
-        if c.message:
-            summary["message"] = c.message  # type: ignore[assignment]
-        term["message"] = json.dumps(summary, separators=(",", ":"))
+        term["message"] = _report(msg, with_message=True).termination_message()
         state = {"terminated": {k: v for k, v in term.items() if v is not None}}
     else:
         state = {"waiting": {"reason": c.reason or "ContainerCreating", **({"message": c.message} if c.message else {})}}
@@ -120,13 +127,15 @@ def status_from_report(pod: dict[str, Any], msg: PodStatus, host_ip: str) -> dic
         {"type": "ContainersReady", "status": "True" if running else "False", "lastTransitionTime": ts},
         {"type": "Ready", "status": "True" if running else "False", "lastTransitionTime": ts},
     ]
-    progress = f"itemsDone={msg.items_done}"
-    if msg.checkpoint:
-        progress += f" checkpoint=sha256:{msg.checkpoint.digest} checkpointItems={msg.checkpoint.items_done}"
     conditions.append(
         {"type": PROGRESS_CONDITION, "status": "True", "reason": "Checkpointed" if msg.checkpoint else "Reported",
-         "message": progress, "lastTransitionTime": ts}
+         "message": _report(msg, with_message=False).progress_message(), "lastTransitionTime": ts}
     )
+    if msg.provider:
+        conditions.append(
+            {"type": RUNTIME_CONDITION, "status": "True", "reason": msg.provider,
+             "message": f"the car's ONNX Runtime runs the shard on {msg.provider}", "lastTransitionTime": ts}
+        )
     status: dict[str, Any] = {
         "phase": msg.phase,
         "hostIP": host_ip,
@@ -174,6 +183,20 @@ def dispatched_status(pod: dict[str, Any], host_ip: str) -> dict[str, Any]:
                                   "message": "the car is fetching the model and input by digest"}},
         }],
     }
+
+
+def _report(msg: PodStatus, with_message: bool) -> ShardReport:
+    return ShardReport(items_done=msg.items_done, checkpoint=msg.checkpoint, result_sha256=msg.result_digest,
+                       provider=msg.provider, energy_kwh=msg.energy_kwh,
+                       message=msg.container.message if with_message else None)
+
+
+def latest_checkpoint(pod: dict[str, Any]) -> tuple[str, int] | None:
+    """The newest checkpoint the pod's car reported (digest, items it covers), if any."""
+    report = ShardReport.from_pod(pod)
+    if report is None or report.checkpoint is None:
+        return None
+    return report.checkpoint.sha256, report.checkpoint.items_done
 
 
 def is_terminal(pod: dict[str, Any]) -> bool:

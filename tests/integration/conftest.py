@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,4 +68,10 @@ def crds_installed(cluster: Cluster) -> Cluster:
         "wait", "--for=condition=Established", "--timeout=60s",
         "crd/vehiclenodes.fleetlet.io", "crd/fleetjobs.fleetlet.io",
     )
+    # Pods are admitted only once the controller-manager has made the namespace's default ServiceAccount.
+    deadline = time.monotonic() + 60
+    while cluster.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the controller-manager made no default ServiceAccount within 60 s")
+        time.sleep(0.5)
     return cluster

@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 from fleetlet_car.link import CarLink, car_ssl_context
-from fleetlet_shim.testing import ShimHandle, apply_objects, start_shim, vehiclenodes
 
 from fleetlet.carlink import protocol
 from fleetlet.carlink.protocol import Capacity
+from fleetlet.cli.local import ShimHandle, apply_objects, start_shim, vehiclenodes
 from tests.conftest import until
 from tests.integration.conftest import Cluster
 

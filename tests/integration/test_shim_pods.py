@@ -19,11 +19,11 @@ import pytest_asyncio
 from fleetlet_car.agent import AgentConfig
 from fleetlet_car.runtime.results import load_arrays
 from fleetlet_car.sim.runner import SimFleetHarness
-from fleetlet_shim.testing import ShimHandle, apply_objects, start_shim, vehiclenodes
 
 from fleetlet.api.v1alpha1 import VehicleNodeSpec
 from fleetlet.api.v1alpha1.shard import ShardAssignment
 from fleetlet.artifacts import BlobStore
+from fleetlet.cli.local import ShimHandle, apply_objects, start_shim, vehiclenodes
 from fleetlet.models.digits import DigitsArtifacts, build_digits, predict_onnx
 from tests.conftest import until
 from tests.integration.conftest import Cluster

@@ -1,7 +1,8 @@
 """VehicleNode: one per car (cluster-scoped); its Kubernetes Node has the same name.
 
-The owner (or fleet admin) writes spec; the shim writes ``status.telemetry``; the operator writes conditions,
-taints in force and energy. Only pseudonymous ids and coarse regions live here: never a VIN or a position.
+The owner (or fleet admin) writes spec; the shim writes ``status.telemetry``, the conditions and the taints in
+force (computed by ``fleetlet.policy``); the operator writes ``status.trust`` and energy. Only pseudonymous ids
+and coarse regions live here: never a VIN or a position.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class Reason(StrEnum):
     OWNER_PAUSED = "PausedByOwner"
     UNPLUGGED = "Unplugged"
     READY = "ReadyForWork"
+    ON_BATTERY = "OnBattery"
     NO_TELEMETRY = "NoTelemetry"
+    UNTRUSTED = "ResultsFailedVerification"
 
 
 class Accelerator(ApiModel):
@@ -232,6 +235,13 @@ class Telemetry(ApiModel):
     battery_temperature_c: float = Field(ge=-60.0, le=150.0, alias="batteryTemperatureC")
     compute_temperature_c: float = Field(ge=-60.0, le=150.0, alias="computeTemperatureC")
     link_quality: Fraction = 1.0
+    energy_today_kwh: float = Field(
+        default=0.0, ge=0.0, le=1000.0, alias="energyTodayKWh",
+        description="Work energy the car metered since midnight of energyDay (the owner's time zone), kWh.",
+    )
+    energy_day: str | None = Field(
+        default=None, pattern=r"^\d{4}-\d{2}-\d{2}$", description="The local day energyTodayKWh counts."
+    )
     observed_at: datetime
 
 
@@ -246,12 +256,28 @@ class Energy(ApiModel):
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
 
 
+class Trust(ApiModel):
+    """The car's verification record (written by the operator; BOINC-style adaptive replication).
+
+    A car is given unreplicated work only after a run of consecutive valid results; one invalid result resets
+    the run and, past ``untrusted``, the shim taints the car ``fleetlet.io/untrusted`` so it gets no work.
+    """
+
+    valid_streak: int = Field(default=0, ge=0, description="Consecutive results that agreed with other cars.")
+    valid_total: int = Field(default=0, ge=0)
+    invalid_total: int = Field(default=0, ge=0)
+    untrusted: bool = Field(default=False, description="True: the car gets no work until an admin clears it.")
+    last_invalid_at: datetime | None = None
+    message: str = Field(default="", max_length=1024)
+
+
 class VehicleNodeStatus(ApiModel):
     observed_generation: int | None = Field(default=None, ge=0)
     telemetry: Telemetry | None = None
     conditions: Conditions
     taints: list[Taint] = Field(default_factory=list, max_length=16)
     energy: Energy = Field(default_factory=Energy)
+    trust: Trust = Field(default_factory=Trust)
 
 
 class VehicleNode(ApiModel):
@@ -281,6 +307,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "kWh-Today", "type": "number", "jsonPath": ".status.energy.kWhToday", "priority": 1},
     {"name": "Earnings", "type": "number", "jsonPath": ".status.energy.ownerEarnings", "priority": 1},
     {"name": "Paused", "type": "boolean", "jsonPath": ".spec.paused", "priority": 1},
+    {"name": "Untrusted", "type": "boolean", "jsonPath": ".status.trust.untrusted", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 SHORT_NAMES = ["vn", "vnode"]

@@ -84,3 +84,24 @@ class Revocations:
 
     def is_revoked(self, identity: CarIdentity) -> bool:
         return identity.car in self.cars or identity.serial in self.serials
+
+
+def parse_revocations(configmap: dict[str, Any] | None) -> tuple[set[str], set[int]]:
+    """The revoked car names and certificate serials in the revocation ConfigMap (absent: none).
+
+    ``data.cars``: one car name per line; ``data.serials``: one certificate serial per line, hexadecimal
+    (as ``openssl x509 -serial`` prints it). Blank lines and ``#`` comments are ignored; a malformed serial is
+    logged and skipped, never fatal.
+    """
+    data = (configmap or {}).get("data") or {}
+    cars = {line.strip() for line in data.get("cars", "").splitlines() if line.strip() and not line.startswith("#")}
+    serials: set[int] = set()
+    for line in data.get("serials", "").splitlines():
+        text = line.strip().removeprefix("serial=")
+        if not text or text.startswith("#"):
+            continue
+        try:
+            serials.add(int(text.replace(":", ""), 16))
+        except ValueError:
+            log.warning("car revocation list: %r is not a hexadecimal serial; skipped", text)
+    return cars, serials

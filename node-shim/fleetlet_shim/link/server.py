@@ -1,10 +1,11 @@
 """The car link server: cars dial in over TLS WebSockets, and the shim talks to each as a named peer.
 
 One process serves thousands of cars. For each connection the server proves who the car is (its fleet-CA
-certificate's CN; see ``credentials``), reads its ``hello``, then hands each valid message to the shim's
-``LinkHandler`` and writes the shim's messages through a bounded per-car queue. It refuses (with an ``error``
-reply and a counter) any message that is malformed, oversized, of an unknown type, names another car or
-concerns an assignment this car was not given; a car that keeps doing so is disconnected. Liveness is a
+certificate's CN; see ``credentials``), reads its ``hello``, sends a car that another replica serves to that
+replica (``redirect``), then hands each valid message to the shim's ``LinkHandler`` and writes the shim's
+messages through a bounded per-car queue. It refuses (with an ``error`` reply and a counter) any message that is
+malformed, oversized, of an unknown type, names another car or concerns another car's assignment (the shim's
+``authorize_report`` says whose it is); a car that keeps doing so is disconnected. Liveness is a
 WebSocket ping sent only when a car has been quiet for ``heartbeat_seconds``; a car silent for
 ``dead_after_seconds`` is dropped. A second connection for a car replaces the first; revoking a car closes
 its connection at once.
@@ -21,7 +22,7 @@ import contextlib
 import logging
 import ssl
 from collections import Counter, deque
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,13 +31,13 @@ from pydantic import BaseModel
 
 from fleetlet.carlink import protocol
 from fleetlet.carlink.protocol import (
-    Assign,
     CarMessage,
     Error,
     Hello,
     Log,
     PodStatus,
     ProtocolError,
+    Redirect,
     Refusal,
     ShimMessage,
     Welcome,
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 # Application close codes (4000-4999 are ours); the car's client logs them.
 CLOSE_REPLACED = 4000
 CLOSE_BAD_HELLO = 4001
+CLOSE_REDIRECT = 4002
 CLOSE_REVOKED = 4003
 CLOSE_VIOLATIONS = 4008
 CLOSE_SLOW = 4009
@@ -136,8 +138,18 @@ class _Conn:
         self.closer: asyncio.Task[None] | None = None
 
 
+Placement = Callable[[str], "tuple[int, str | None] | None"]
+"""Which replica serves a car: None for this one, else (replica, its car-link URL or None if unknown)."""
+ReportAuthorizer = Callable[[str, str], bool]
+"""May this car report on this assignment uid? (Only on its own pods.)"""
+
+
 class LinkServer:
-    """The car link endpoint. Use ``start``/``stop`` to serve alone, or mount ``routes()`` on another app."""
+    """The car link endpoint. Use ``start``/``stop`` to serve alone, or mount ``routes()`` on another app.
+
+    ``placement`` sends a car another replica serves there (default: every car is served here);
+    ``authorize_report`` refuses a car's reports about an assignment that is another car's (default: any).
+    """
 
     def __init__(
         self,
@@ -147,15 +159,18 @@ class LinkServer:
         config: LinkConfig | None = None,
         revocations: Revocations | None = None,
         registry: Any | None = None,
+        placement: Placement | None = None,
+        authorize_report: ReportAuthorizer | None = None,
     ) -> None:
         self.handler = handler
         self.ssl_context = ssl_context
         self.config = config or LinkConfig()
         self.revocations = revocations or Revocations()
         self.metrics = LinkMetrics()
+        self._placement = placement
+        self._authorize_report = authorize_report
         self._conns: dict[str, _Conn] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._assigned: dict[str, set[str]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
@@ -219,34 +234,25 @@ class LinkServer:
     def is_connected(self, car: str) -> bool:
         return car in self._conns
 
-    async def send(self, car: str, msg: ShimMessage) -> bool:
-        """Queue ``msg`` for ``car``; False if the car is not connected or its queue is full (never blocks).
-
-        Sending an ``assign`` records the assignment as this car's, so its reports are accepted.
-        """
+    def send(self, car: str, msg: ShimMessage) -> bool:
+        """Queue ``msg`` for ``car``; False if the car is not connected or its queue is full (never blocks)."""
         conn = self._conns.get(car)
         if conn is None or conn.close_reason is not None:
             self.metrics.send_dropped["notConnected"] += 1
             return False
         if not self._enqueue(conn, msg):
             self.metrics.send_dropped["queueFull"] += 1
-            log.warning("car %s: send queue full, %s dropped", car, msg.type)
+            log.warning("car %s: send queue full, %s not sent (it will be retried)", car, msg.type)
             return False
-        if isinstance(msg, Assign):
-            self._assigned.setdefault(car, set()).add(msg.uid)
         return True
 
-    def set_assignments(self, car: str, uids: Iterable[str]) -> None:
-        """Declare the assignments (pod UIDs) bound to ``car``, e.g. from the pod cache after a shim restart;
-        reports about any other UID are refused as ``foreignAssignment``."""
-        self._assigned[car] = set(uids)
-
-    def forget_assignment(self, car: str, uid: str) -> None:
-        """Stop accepting reports about ``uid`` from ``car`` (the pod is gone)."""
-        self._assigned.get(car, set()).discard(uid)
-
-    def assignments(self, car: str) -> frozenset[str]:
-        return frozenset(self._assigned.get(car, ()))
+    def set_revoked(self, cars: set[str], serials: set[int]) -> None:
+        """Adopt the full revocation list (from the API); closes the live links it newly revokes."""
+        self.revocations.cars, self.revocations.serials = set(cars), set(serials)
+        for conn in list(self._conns.values()):
+            if self.revocations.is_revoked(CarIdentity(conn.car, conn.serial)):
+                log.warning("car %s: certificate revoked (serial %x), closing its link", conn.car, conn.serial)
+                self._close(conn, CLOSE_REVOKED, "revoked")
 
     def revoke(self, *, car: str | None = None, serial: int | None = None) -> bool:
         """Revoke a car (all its certificates) or one certificate; closes a matching live connection at once.
@@ -295,6 +301,8 @@ class LinkServer:
         registered = False
         try:
             hello = await self._read_hello(conn)
+            if hello is not None and self._redirected(conn):
+                hello = None
             if hello is not None:
                 registered = await self._register(conn, hello)
                 if registered:
@@ -352,6 +360,22 @@ class LinkServer:
         conn.seq_in = hello.seq
         self.metrics.messages_in["hello"] += 1
         return hello
+
+    def _redirected(self, conn: _Conn) -> bool:
+        """Send a car that another replica serves to it (or away, if its URL is unknown); True if so."""
+        owner = self._placement(conn.car) if self._placement is not None else None
+        if owner is None:
+            return False
+        replica, url = owner
+        if url is None:
+            self._refuse(conn, Refusal.WRONG_REPLICA, f"replica {replica} serves this car; dial it")
+            self._close(conn, CLOSE_REDIRECT, "wrongReplica")
+        else:
+            self._enqueue(conn, Redirect(url=url, replica=replica))
+            log.info("car %s: served by replica %d, redirected to %s", conn.car, replica, url)
+            self._close(conn, CLOSE_REDIRECT, "redirected")
+        self.metrics.connections_refused["redirected"] += 1
+        return True
 
     async def _register(self, conn: _Conn, hello: Hello) -> bool:
         car = conn.car
@@ -461,7 +485,8 @@ class LinkServer:
         if isinstance(msg, Hello):
             self._refuse(conn, Refusal.OUT_OF_ORDER, "hello was already received on this link", msg.seq)
             return
-        if isinstance(msg, PodStatus | Log) and msg.uid not in self._assigned.get(car, ()):
+        if (isinstance(msg, PodStatus | Log) and self._authorize_report is not None
+                and not self._authorize_report(car, msg.uid)):
             self._refuse(conn, Refusal.FOREIGN_ASSIGNMENT, f"assignment {msg.uid} is not this car's", msg.seq)
             return
         conn.seq_in = msg.seq

@@ -1,10 +1,11 @@
-"""What the shim writes for a car's Node: registration body, status, Lease. Pure functions, no I/O.
+"""What the shim writes for a car's Node: registration body, status, taints, Lease. Pure functions, no I/O.
 
-"Who writes what" (ARCHITECTURE.md): the shim owns the Node's status, its Lease and the labels that describe the
-car's hardware and coarse place. ``spec.taints`` is an *atomic* list in the Node schema, so two field managers
-cannot share it: the shim sets ``fleetlet.io/vehicle:NoSchedule`` once, at creation (as the kubelet's
-``--register-with-taints`` does), and never applies taints again; the operator owns the list afterwards and always
-keeps that taint in it.
+"Who writes what" (ARCHITECTURE.md): the shim owns the Node's status, its Lease, the labels that describe the car
+(hardware, coarse region, pseudonymous owner) and those that follow telemetry, the car-state ``fleetlet.io/*``
+taints and the cordon. ``spec.taints`` is an *atomic* list in the Node schema, so it cannot be shared through
+server-side apply: ``merge_taints`` rebuilds the whole list from the freshest read, keeping every taint that is
+not Fleetlet's own (the controller-manager's ``node.kubernetes.io/*``, taints users add), and the write carries
+the resourceVersion it read so a concurrent writer is never overwritten.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from fleetlet import __version__
 from fleetlet.api.v1alpha1 import VehicleNode
 from fleetlet.api.v1alpha1 import taints as t
+from fleetlet.policy import CarPolicy
 
 KUBELET_VERSION = f"v1.37.2-fleetlet-{__version__}"
 RUNTIME_VERSION = "fleetlet-onnx://1.0"
@@ -49,8 +51,44 @@ def hardware_labels(vn: VehicleNode, shim_id: str, arch: str = "arm64") -> dict[
         t.LABEL_VEHICLE: "true",
         t.LABEL_ACCELERATOR: accel[0].type if accel else "none",
         t.LABEL_REGION: vn.spec.region,
+        t.LABEL_OWNER: vn.spec.owner.id,
         t.LABEL_SHIM: shim_id,
     }
+
+
+FLEETLET_TAINTS = frozenset(t.TAINT_EFFECTS)
+
+
+def taint_body(key: str, effect: str, value: str | None, now: datetime) -> dict[str, Any]:
+    body: dict[str, Any] = {"key": key, "effect": effect}
+    if value is not None:
+        body["value"] = value
+    if effect == "NoExecute":
+        body["timeAdded"] = now_rfc3339(now)  # tolerationSeconds count from here
+    return body
+
+
+def vehicle_taint() -> dict[str, Any]:
+    return {"key": t.VEHICLE, "value": "true", "effect": t.TAINT_EFFECTS[t.VEHICLE]}
+
+
+def merge_taints(current: list[dict[str, Any]], policy: CarPolicy | None, now: datetime) -> list[dict[str, Any]]:
+    """The Node's whole taint list: every foreign taint as it is, the vehicle marker, and the car-state taints
+    ``policy`` puts in force (a taint already present keeps its timeAdded, so tolerationSeconds do not restart)."""
+    out = [dict(x) for x in current if x.get("key") not in FLEETLET_TAINTS]
+    out.append(vehicle_taint())
+    existing = {(x.get("key"), x.get("effect"), x.get("value")): x for x in current}
+    for taint in policy.taints if policy is not None else ():
+        kept = existing.get((taint.key, taint.effect, taint.value))
+        out.append(dict(kept) if kept is not None else taint_body(taint.key, taint.effect, taint.value, now))
+    return out
+
+
+def same_taints(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    def keyed(xs: list[dict[str, Any]]) -> set[tuple[Any, Any, Any]]:
+        return {(x.get("key"), x.get("effect"), x.get("value")) for x in xs}
+
+    return len(a) == len(b) and keyed(a) == keyed(b)
 
 
 def capacity(vn: VehicleNode, max_pods: int) -> dict[str, str]:
@@ -109,10 +147,17 @@ def node_status(
     }
 
 
-def node_manifest(vn: VehicleNode, labels: dict[str, str], status: dict[str, Any]) -> dict[str, Any]:
-    """The body POSTed once to register the car: labels, the vehicle taint, status (kept on create, as the
-    kubelet relies on), owned by the VehicleNode so deleting the car deletes its Node."""
+def node_manifest(
+    vn: VehicleNode, labels: dict[str, str], status: dict[str, Any], policy: CarPolicy | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The body POSTed once to register the car: labels, taints (the vehicle marker and whatever car-state
+    taints are already known, so a new car is never open to work its state forbids), cordon, status (kept on
+    create, as the kubelet relies on), owned by the VehicleNode so deleting the car deletes its Node."""
     name = vn.metadata.name or vn.spec.vehicle_id
+    now = now or datetime.now(UTC)
+    if policy is not None:
+        labels = {**labels, **policy.labels}
     meta: dict[str, Any] = {"name": name, "labels": labels}
     if vn.metadata.uid:
         meta["ownerReferences"] = [
@@ -122,7 +167,8 @@ def node_manifest(vn: VehicleNode, labels: dict[str, str], status: dict[str, Any
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": meta,
-        "spec": {"taints": [{"key": t.VEHICLE, "value": "true", "effect": t.TAINT_EFFECTS[t.VEHICLE]}]},
+        "spec": {"taints": merge_taints([], policy, now),
+                 **({"unschedulable": True} if policy is not None and policy.cordoned else {})},
         "status": status,
     }
 

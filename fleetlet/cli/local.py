@@ -1,7 +1,9 @@
-"""Run a real fleetlet-shim process against a local control plane, for tests, benchmarks and the demo.
+"""Fleetlet's components as local processes next to a local control plane: what ``fleetlet demo`` runs, and what
+the integration tests and benchmarks start.
 
-The shim runs as its own process under its own RBAC identity (CN=fleetlet-shim), exactly as deployed; cars get
-real client certificates from a fleet CA made here. Never used in production paths.
+Each component runs as its own process under its own RBAC identity (a client certificate from the local
+cluster's CA: CN=fleetlet-shim), exactly as deployed; every listener binds to 127.0.0.1; cars get real client
+certificates from a fleet CA made here. This is the CLI layer's: it may import every component.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from fleetlet_car.sim import make_vehicle_specs
+from fleetlet_shim import rbac
 
 from fleetlet.api.v1alpha1 import VehicleNode
 from fleetlet.localcluster import LocalCluster
 from fleetlet.localcluster.cluster import free_port
 from fleetlet.pki import CAR_ORGANIZATION, CertificateAuthority, KeyPair
-from fleetlet_shim import rbac
+
+SHIM_NAMESPACE = "fleetlet-system"
 
 
 @dataclass
@@ -54,6 +58,12 @@ class ShimHandle:
                 out[key] = float(value)
         return out
 
+    def healthy(self, path: str = "/readyz") -> bool:
+        try:
+            return urllib.request.urlopen(self.metrics_url.replace("/metrics", path), timeout=5).status == 200
+        except OSError:
+            return False
+
     def stop(self) -> None:
         """SIGTERM the shim and wait (SIGKILL after 15 s)."""
         if self.process.poll() is None:
@@ -64,15 +74,42 @@ class ShimHandle:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
 
-    def restart(self) -> None:
-        """Stop the shim and start a new process with the same flags (ports, certificates, store)."""
-        self.stop()
+    def kill(self) -> None:
+        """SIGKILL the shim at once: no shutdown code runs (a crash, an OOM kill, a lost machine)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def start_again(self) -> None:
+        """Start a new process with the same flags (ports, certificates, store) after stop() or kill()."""
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_ready(self)
 
+    def restart(self) -> None:
+        """Stop the shim gracefully and start it again."""
+        self.stop()
+        self.start_again()
+
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@dataclass
+class FleetCredentials:
+    """The fleet CA (cars trust it for the shim; it signs every car's client certificate) and the grant key:
+    shared by every replica of one fleet."""
+
+    ca: CertificateAuthority
+    ca_file: Path
+    grant_key: bytes
+
+    @classmethod
+    def create(cls, directory: Path) -> FleetCredentials:
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = CertificateAuthority.create("fleetlet-fleet-ca")
+        ca_file, _ = ca.pair.write(directory, "fleet-ca")
+        return cls(ca, ca_file, os.urandom(32))
 
 
 def vehiclenodes(n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
@@ -92,13 +129,13 @@ def apply_objects(cluster: Any, objects: list[dict[str, Any]]) -> None:
                                                                           "items": objects}))
 
 
-def start_shim(
-    cluster: Any, work: Path, lease_renew_s: float = 5.0, local: LocalCluster | None = None,
-    extra_args: list[str] | None = None, heartbeat_s: float = 5.0, dead_after_s: float = 12.0,
-) -> Iterator[ShimHandle]:
-    """Start the shim (a generator: the shim stops when it is closed). ``cluster`` has ``kubectl(*args, input=)``;
-    ``local`` is the LocalCluster whose CA signs the kubelet API certificate (default ``cluster.local``)."""
-    handle = launch_shim(cluster, work, lease_renew_s, local, extra_args, heartbeat_s, dead_after_s)
+def ensure_namespace(cluster: Any, name: str) -> None:
+    apply_objects(cluster, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}])
+
+
+def start_shim(cluster: Any, work: Path, **kwargs: Any) -> Iterator[ShimHandle]:
+    """``launch_shim`` as a generator (pytest fixtures): the shim stops when it is closed."""
+    handle = launch_shim(cluster, work, **kwargs)
     try:
         yield handle
     finally:
@@ -106,10 +143,19 @@ def start_shim(
 
 
 def launch_shim(
-    cluster: Any, work: Path, lease_renew_s: float = 5.0, local: LocalCluster | None = None,
+    cluster: Any, work: Path, *, lease_renew_s: float = 5.0, local: LocalCluster | None = None,
     extra_args: list[str] | None = None, heartbeat_s: float = 5.0, dead_after_s: float = 12.0,
+    credentials: FleetCredentials | None = None, artifact_dir: Path | None = None, kubeconfig: Path | None = None,
+    replica: int = 0, replicas: int = 1, link_ports: list[int] | None = None, user: str = "fleetlet-shim",
+    rbac_drop: tuple[tuple[str, str], ...] = (), shim_id: str | None = None,
 ) -> ShimHandle:
-    """Start the shim as its own process (a new session: it outlives the caller unless stopped)."""
+    """Start ``fleetlet-shim`` as its own process (a new session: it outlives the caller unless stopped).
+
+    ``cluster`` has ``kubectl(*args, input=)``; ``local`` is the LocalCluster whose CA signs the kubelet API
+    certificate and the shim's user (default ``cluster.local``). Replicas of one fleet share ``credentials``,
+    ``artifact_dir`` and ``link_ports`` (one port per replica: each is told where the others are, to redirect
+    cars). ``kubeconfig`` points the shim elsewhere (a fault-injecting proxy); ``rbac_drop`` withholds verbs.
+    """
     local = local or getattr(cluster, "local", None)
     if local is None:
         raise RuntimeError(
@@ -118,49 +164,53 @@ def launch_shim(
             "FLEETLET_TEST_KUBECONFIG)"
         )
     work.mkdir(parents=True, exist_ok=True)
-    apply_objects(cluster, rbac.manifests())
-    kubeconfig = local.user_kubeconfig("fleetlet-shim")
-    # Cars trust the fleet CA; the shim's link cert comes from it too.
-    fleet_ca = CertificateAuthority.create("fleetlet-fleet-ca")
-    fleet_ca_file, _ = fleet_ca.pair.write(work, "fleet-ca")
-    fleet_ca.issue("fleetlet-shim", server=True, dns_names=("localhost",), ip_addresses=("127.0.0.1",)).write(
+    ensure_namespace(cluster, SHIM_NAMESPACE)
+    apply_objects(cluster, rbac.manifests(subject_name=user, namespace=SHIM_NAMESPACE, drop=rbac_drop,
+                                          role_name=user))
+    kubeconfig = kubeconfig or local.user_kubeconfig(user)
+    creds = credentials or FleetCredentials.create(work)
+    creds.ca.issue("fleetlet-shim", server=True, dns_names=("localhost",), ip_addresses=("127.0.0.1",)).write(
         work, "link"
     )
     # The kubelet API's serving cert must be signed by the cluster CA (--kubelet-certificate-authority).
     cluster_ca = CertificateAuthority(KeyPair.read(local.pki_dir, "ca"))
     cluster_ca.issue("fleetlet-shim-kubelet", server=True, ip_addresses=("127.0.0.1",)).write(work, "kubelet")
-    grant_key = os.urandom(32)
-    (work / "grant.key").write_bytes(grant_key)
-    link_port, kubelet_port, metrics_port = free_port(), free_port(), free_port()
+    (work / "grant.key").write_bytes(creds.grant_key)
+    ports = link_ports or [free_port() for _ in range(replicas)]
+    link_port, kubelet_port, metrics_port = ports[replica], free_port(), free_port()
+    urls = ",".join(f"wss://127.0.0.1:{p}/v1/link" for p in ports)
     log_path = work / "shim.log"
+    store = artifact_dir or work / "artifacts"
     args = [
         sys.executable, "-m", "fleetlet_shim",
         "--kubeconfig", str(kubeconfig),
-        "--shim-id", "shim-test",
+        "--shim-id", shim_id or f"shim-test-{replica}",
+        "--namespace", SHIM_NAMESPACE,
+        "--replica", str(replica), "--replicas", str(replicas), "--replica-urls", urls,
         "--advertise-address", "127.0.0.1",
         "--link-address", f"127.0.0.1:{link_port}",
         "--link-cert", str(work / "link.crt"), "--link-key", str(work / "link.key"),
-        "--car-ca", str(fleet_ca_file),
-        "--kubelet-port", str(kubelet_port),
+        "--car-ca", str(creds.ca_file),
+        "--kubelet-address", f"127.0.0.1:{kubelet_port}",
         "--kubelet-cert", str(work / "kubelet.crt"), "--kubelet-key", str(work / "kubelet.key"),
         "--kubelet-client-ca", str(local.pki_dir / "ca.crt"),
-        "--artifact-dir", str(work / "artifacts"),
+        "--artifact-dir", str(store),
         "--grant-key-file", str(work / "grant.key"),
         "--metrics-address", f"127.0.0.1:{metrics_port}",
         "--lease-renew-seconds", str(lease_renew_s),
         "--link-heartbeat-seconds", str(heartbeat_s), "--link-dead-after-seconds", str(dead_after_s),
         *(extra_args or []),
     ]
-    with open(log_path, "wb") as out:
+    with open(log_path, "ab") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     handle = ShimHandle(
         link_url=f"wss://127.0.0.1:{link_port}/v1/link",
         artifact_url=f"https://127.0.0.1:{link_port}",
         metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-        fleet_ca=fleet_ca,
-        fleet_ca_file=fleet_ca_file,
-        artifact_dir=work / "artifacts",
-        grant_key=grant_key,
+        fleet_ca=creds.ca,
+        fleet_ca_file=creds.ca_file,
+        artifact_dir=store,
+        grant_key=creds.grant_key,
         process=proc,
         log_path=log_path,
         cert_dir=work / "cars",
@@ -174,16 +224,14 @@ def launch_shim(
     return handle
 
 
-def _wait_ready(handle: ShimHandle, timeout_s: float = 60.0) -> None:
+def _wait_ready(handle: ShimHandle, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if handle.process.poll() is not None:
             raise RuntimeError(f"fleetlet-shim exited with {handle.process.returncode}:\n{handle.log_tail()}")
-        try:
-            handle.metrics()
+        if handle.healthy("/readyz"):
             return
-        except OSError:
-            if time.monotonic() > deadline:
-                handle.process.kill()
-                raise RuntimeError(f"fleetlet-shim did not start:\n{handle.log_tail()}") from None
-            time.sleep(0.2)
+        if time.monotonic() > deadline:
+            handle.process.kill()
+            raise RuntimeError(f"fleetlet-shim did not become ready:\n{handle.log_tail()}")
+        time.sleep(0.2)

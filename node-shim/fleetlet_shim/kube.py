@@ -1,0 +1,267 @@
+"""The one module of the shim that talks to the Kubernetes API server.
+
+What it is for: every read and write the shim makes — the informers it watches through, and each write a
+controller makes (register a Node, report its status, set its car-state taints, renew a Lease, write a pod's
+status, finish a pod's deletion, mirror telemetry into VehicleNode status, post an Event, ask a
+SubjectAccessReview) — is a method here, declared with the RBAC verb it needs (``uses``). ``fleetlet_shim.rbac``
+grants exactly the union of those declarations, so the ClusterRole names only the verbs the shim uses.
+
+Objects are kept as trimmed projections (``project_*``): a shim serving thousands of cars holds a few fields of
+each Node and pod, not whole bodies.
+
+What it must never do: decide anything (controllers decide; this module only carries out), retry a create blindly
+(409 goes back to the caller), or write a Node's taints without the resourceVersion it read them at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar
+
+from fleetlet.api.v1alpha1.meta import API_VERSION
+from fleetlet.api.v1alpha1.taints import LABEL_VEHICLE
+from fleetlet.kube import ApiError, Informer, KubeClient, resource_path
+from fleetlet.kube.client import MERGE, STRATEGIC
+
+from . import nodespec
+
+FIELD_MANAGER = "fleetlet-shim"
+VN_PATH = resource_path(API_VERSION, "vehiclenodes")
+NODES_PATH = resource_path("v1", "nodes")
+PODS_PATH = resource_path("v1", "pods")
+SAR_PATH = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+REVOCATIONS_CONFIGMAP = "fleetlet-car-revocations"
+
+
+@dataclass(frozen=True, slots=True)
+class Permission:
+    group: str
+    resource: str
+    verb: str
+    namespaced: bool = False
+
+
+USES: list[Permission] = []
+"""Every (group, resource, verb) the shim's API calls need; ``rbac`` renders the ClusterRole from it."""
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def uses(group: str, resource: str, *verbs: str, namespaced: bool = False) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Declare the RBAC verbs a method below needs."""
+    for verb in verbs:
+        permission = Permission(group, resource, verb, namespaced)
+        if permission not in USES:
+            USES.append(permission)
+
+    def mark(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        return fn
+
+    return mark
+
+
+# ---- projections: what the shim keeps of each object ---------------------------------------------------------
+
+
+def project_node(node: dict[str, Any]) -> dict[str, Any]:
+    """A Node as the shim needs it: identity, labels, taints, cordon, and its Ready condition."""
+    meta, spec, status = node.get("metadata", {}), node.get("spec", {}), node.get("status", {})
+    ready = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), None)
+    kept = {k: meta[k] for k in ("name", "uid", "resourceVersion", "labels", "deletionTimestamp") if k in meta}
+    cordon = (meta.get("annotations") or {}).get("fleetlet.io/cordoned-by")
+    if cordon is not None:
+        kept["annotations"] = {"fleetlet.io/cordoned-by": cordon}
+    return {
+        "metadata": kept,
+        "spec": {"taints": spec.get("taints") or [], "unschedulable": bool(spec.get("unschedulable"))},
+        "status": {"ready": {k: ready.get(k) for k in ("status", "reason", "lastHeartbeatTime")} if ready else None},
+    }
+
+
+def project_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """A pod bound to a car: what the pod controller, the kubelet API and the contract parser read."""
+    meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
+    containers = spec.get("containers") or []
+    kept_meta = {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "deletionTimestamp",
+                                      "deletionGracePeriodSeconds", "labels") if k in meta}
+    annotations = meta.get("annotations") or {}
+    if "fleetlet.io/assignment" in annotations:
+        kept_meta["annotations"] = {"fleetlet.io/assignment": annotations["fleetlet.io/assignment"]}
+    progress = next((c for c in status.get("conditions") or [] if c.get("type") == "fleetlet.io/Progress"), None)
+    kept_status: dict[str, Any] = {k: status[k] for k in ("phase", "startTime") if k in status}
+    if status.get("containerStatuses"):
+        kept_status["containerStatuses"] = [
+            {"name": s.get("name"), "state": s.get("state", {})} for s in status["containerStatuses"][:1]
+        ]
+    if progress is not None:
+        kept_status["conditions"] = [progress]
+    return {
+        "metadata": kept_meta,
+        "spec": {
+            "nodeName": spec.get("nodeName", ""),
+            "runtimeClassName": spec.get("runtimeClassName"),
+            "terminationGracePeriodSeconds": spec.get("terminationGracePeriodSeconds", 30),
+            "containers": [{k: c[k] for k in ("name", "image", "resources") if k in c} for c in containers],
+        },
+        "status": kept_status,
+    }
+
+
+def project_vehiclenode(vn: dict[str, Any]) -> dict[str, Any]:
+    """A VehicleNode: its spec (the owner's rules) and what the shim must remember of its own status."""
+    meta, status = vn.get("metadata", {}), vn.get("status") or {}
+    kept_status = {k: status[k] for k in ("conditions", "trust") if k in status}
+    return {
+        "apiVersion": vn.get("apiVersion", API_VERSION),
+        "kind": vn.get("kind", "VehicleNode"),
+        "metadata": {k: meta[k] for k in ("name", "uid", "resourceVersion", "generation", "deletionTimestamp")
+                     if k in meta},
+        "spec": vn.get("spec", {}),
+        "status": kept_status,
+    }
+
+
+class ShimApi:
+    """The shim's API calls. One instance per process, sharing one ``KubeClient`` (and its connection pool)."""
+
+    def __init__(self, kube: KubeClient, namespace: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+
+    # ---- informers -----------------------------------------------------------------------------------------
+
+    @uses("fleetlet.io", "vehiclenodes", "list", "watch")
+    def vehiclenode_informer(self, keep: Callable[[dict[str, Any]], bool]) -> Informer:
+        return Informer(self.kube, VN_PATH, name="vehiclenodes", transform=project_vehiclenode, keep=keep)
+
+    @uses("", "nodes", "list", "watch")
+    def node_informer(self, keep: Callable[[dict[str, Any]], bool]) -> Informer:
+        return Informer(self.kube, NODES_PATH, name="nodes", transform=project_node, keep=keep,
+                        labelSelector=f"{LABEL_VEHICLE}=true")
+
+    @uses("", "pods", "list", "watch")
+    def pod_informer(self, keep: Callable[[dict[str, Any]], bool]) -> Informer:
+        # Only pods bound to a Node; of those the shim keeps the ones on cars it serves.
+        return Informer(self.kube, PODS_PATH, name="pods", transform=project_pod, keep=keep,
+                        fieldSelector="spec.nodeName!=")
+
+    @uses("", "configmaps", "list", "watch", namespaced=True)
+    def revocation_informer(self) -> Informer:
+        return Informer(self.kube, resource_path("v1", "configmaps", self.namespace), name="revocations",
+                        fieldSelector=f"metadata.name={REVOCATIONS_CONFIGMAP}")
+
+    # ---- Nodes ---------------------------------------------------------------------------------------------
+
+    @uses("", "nodes", "create")
+    async def create_node(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.kube.create(NODES_PATH, body, fieldManager=FIELD_MANAGER)
+
+    @uses("", "nodes/status", "patch")
+    async def apply_node_status(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        return await self.kube.apply(resource_path("v1", "nodes", name=name, sub="status"),
+                                     nodespec.node_status_apply(name, status), FIELD_MANAGER)
+
+    @uses("", "nodes", "patch")
+    async def patch_node(self, name: str, resource_version: str, labels: dict[str, str | None],
+                         annotations: dict[str, str | None], taints: list[dict[str, Any]],
+                         unschedulable: bool) -> dict[str, Any]:
+        """Replace the Node's taint list (an atomic list) and set labels, annotations and cordon, only if the Node
+        is still at ``resource_version``: a 409 means someone else wrote it meanwhile; the caller re-reads."""
+        meta: dict[str, Any] = {"resourceVersion": resource_version}
+        if labels:
+            meta["labels"] = labels
+        if annotations:
+            meta["annotations"] = annotations
+        body = {"metadata": meta, "spec": {"taints": taints, "unschedulable": unschedulable or None}}
+        return await self.kube.patch(resource_path("v1", "nodes", name=name), body, content_type=MERGE,
+                                     fieldManager=FIELD_MANAGER)
+
+    @uses("", "nodes", "get")
+    async def get_node(self, name: str) -> dict[str, Any]:
+        return project_node(await self.kube.get(resource_path("v1", "nodes", name=name)))
+
+    # ---- Leases --------------------------------------------------------------------------------------------
+
+    @uses("coordination.k8s.io", "leases", "create", "patch", namespaced=True)
+    async def renew_lease(self, name: str, node_uid: str | None, duration_s: int, now: datetime,
+                          exists: bool) -> None:
+        """One write: PATCH the renewTime, or POST the Lease when it does not exist (each falls back to the other)."""
+        leases = resource_path("coordination.k8s.io/v1", "leases", nodespec.NODE_LEASE_NAMESPACE)
+        body = nodespec.lease_manifest(name, node_uid, duration_s, now)
+        try:
+            if exists:
+                await self.kube.patch(f"{leases}/{name}", {"spec": body["spec"]})
+            else:
+                await self.kube.create(leases, body)
+        except ApiError as exc:
+            if not exists and exc.conflict:
+                await self.kube.patch(f"{leases}/{name}", {"spec": body["spec"]})
+            elif exists and exc.not_found:
+                await self.kube.create(leases, body)
+            else:
+                raise
+
+    # ---- pods ----------------------------------------------------------------------------------------------
+
+    @uses("", "pods/status", "patch")
+    async def patch_pod_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> None:
+        # The uid in the patch makes it a precondition: a new pod that took the old one's name is never touched.
+        body = {"metadata": {"uid": uid}, "status": status}
+        await self.kube.patch(resource_path("v1", "pods", namespace, name, "status"), body, content_type=STRATEGIC)
+
+    @uses("", "pods", "delete")
+    async def finish_pod_deletion(self, namespace: str, name: str, uid: str) -> None:
+        """Delete with grace 0 (what a kubelet does once the containers are gone); gone or replaced is fine."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
+        try:
+            await self.kube.request("DELETE", resource_path("v1", "pods", namespace, name), body=body)
+        except ApiError as exc:
+            if not (exc.not_found or exc.conflict):
+                raise
+
+    # ---- VehicleNodes --------------------------------------------------------------------------------------
+
+    @uses("fleetlet.io", "vehiclenodes/status", "patch")
+    async def patch_vehiclenode_status(self, name: str, status: dict[str, Any]) -> None:
+        await self.kube.patch(resource_path(API_VERSION, "vehiclenodes", name=name, sub="status"),
+                              {"status": status}, content_type=MERGE)
+
+    # ---- Events --------------------------------------------------------------------------------------------
+
+    @uses("", "events", "create", "patch", namespaced=True)
+    async def post_event(self, body: dict[str, Any], *, update: bool) -> None:
+        """Create the Event, or (``update``) patch its count and lastTimestamp; a lost Event is not retried
+        forever by the caller, so 404 on update re-creates it."""
+        ns = body["metadata"]["namespace"]
+        events = resource_path("v1", "events", ns)
+        if update:
+            patch = {"count": body["count"], "lastTimestamp": body["lastTimestamp"], "message": body["message"]}
+            try:
+                await self.kube.patch(f"{events}/{body['metadata']['name']}", patch, content_type=MERGE)
+                return
+            except ApiError as exc:
+                if not exc.not_found:
+                    raise
+        try:
+            await self.kube.create(events, body)
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+
+    # ---- authorization -------------------------------------------------------------------------------------
+
+    @uses("authorization.k8s.io", "subjectaccessreviews", "create")
+    async def may_proxy_node(self, user: str, groups: list[str], node: str) -> bool:
+        """May ``user`` read logs on ``node``? (``nodes/proxy``, what the kubelet checks.)"""
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {"user": user, "groups": groups,
+                     "resourceAttributes": {"verb": "get", "resource": "nodes", "subresource": "proxy",
+                                            "name": node}},
+        }
+        answer = await self.kube.create(SAR_PATH, review)
+        return bool(answer.get("status", {}).get("allowed"))
