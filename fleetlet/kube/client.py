@@ -1,7 +1,11 @@
 """The one module of Fleetlet that speaks HTTP to the Kubernetes API server.
 
-Never: parse large lists into pydantic models, hold a global session, or retry a non-idempotent create blindly
-(409 AlreadyExists is surfaced to the caller).
+Never: parse large lists into pydantic models or hold a global session.
+
+Retries: transient failures (connection errors, a body cut off mid-way, 429, 5xx) are retried per the
+``RetryPolicy`` for every verb. For a create (POST) that means a lost answer can come back as 409 AlreadyExists for
+the object this very call created: every caller treats 409 on create as "it may be mine" (get-or-create,
+deterministic names, or server-side apply).
 """
 
 from __future__ import annotations
@@ -121,7 +125,7 @@ class KubeConfig:
         ctx_name = context or doc.get("current-context")
         ctx = next(c["context"] for c in doc["contexts"] if c["name"] == ctx_name)
         cluster = next(c["cluster"] for c in doc["clusters"] if c["name"] == ctx["cluster"])
-        user = next((u["user"] for u in doc.get("users", []) if u["name"] == ctx.get("user")), {})
+        user: dict[str, Any] = next((u["user"] for u in doc.get("users", []) if u["name"] == ctx.get("user")), {})
         cfg = cls(server=cluster["server"].rstrip("/"), namespace=ctx.get("namespace", "default"))
         base = path.parent
 
@@ -267,7 +271,7 @@ class KubeClient:
                             await asyncio.sleep(policy.delay(attempt, float(retry_after) if retry_after else None))
                             continue
                     raise err
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
                 self._observe(method, resource, 0, started)
                 last = exc
                 if attempt + 1 < policy.attempts:
