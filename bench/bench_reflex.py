@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 from fleetlet_car.reflex import SafetyReflex
-from fleetlet_car.sim import SimulatedFleet, make_vehicle_specs
-from fleetlet_car.vehicle import SimulatedVehicle
+from fleetlet_car.sim import SimulatedFleet, SimulatedVehicle, make_vehicle_specs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reflex.json"
 BUSY_CHILD = "import sys; sys.stdout.write('r'); sys.stdout.flush()\nwhile True: pass"

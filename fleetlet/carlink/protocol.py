@@ -90,6 +90,8 @@ Checkpoint = ShardCheckpoint
 
 # An ONNX Runtime execution provider name, e.g. CPUExecutionProvider, CUDAExecutionProvider.
 Provider = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9]*$")]
+ACCELERATOR_PROVIDERS: tuple[str, ...] = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+"""Providers that run a shard on an accelerator; a car whose hello lists none has no usable accelerator."""
 
 
 class Capacity(_Wire):

@@ -23,7 +23,7 @@ from .link import car_ssl_context
 from .reflex import SafetyReflex
 from .sim.fleet import SimulatedCar, make_vehicle_specs
 from .sim.runner import capacity_of
-from .vehicle import SimulatedVehicle
+from .sim.vehicle import SimulatedVehicle
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         checkpoint_every_seconds=args.checkpoint_seconds,
         allow_network_fallback=args.allow_network_fallback,
+        compute_power_w=spec.hardware.compute_power_w,
+        idle_power_w=spec.hardware.idle_power_w,
     )
     agent = CarAgent(
         args.name,
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         capacity=capacity_of(spec),
         work_dir=args.work_dir,
         config=config,
+        work_meter=car.set_work,  # the simulated battery feels the work
+        policy=spec.policy,  # until the shim sends the owner's current rules
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(agent, car, args.tick))

@@ -1,20 +1,29 @@
-"""The car agent: one car's logic between its vehicle, its safety reflex, its link to the shim and its sandbox.
+"""The car agent: one car's orchestration between its vehicle, its safety reflex, its link, its work and its owner.
 
-What it is for: ``CarAgent`` turns the shim's ``assign``/``stop`` into sandboxed runs and reports what happens
-as ``podStatus`` and ``log`` messages. For each assignment it checks ``SafetyReflex.admit``, fetches the model,
-the input and any resume checkpoint by digest through the assignment's grant (verified), registers the
-sandbox's synchronous kill as a reflex stop callback *before* the child exists, runs it, uploads checkpoints
-and the result under the grant, and reports Pending → Running → Succeeded|Failed. It streams telemetry from
-vehicle state changes through the link's deadbands, meters the work load for the car's energy accounting, and
-keeps a record of the assignments it holds (running, and finished but not known to be reported) for the
-``hello`` of the next connection, after which it re-sends their latest status.
+What it is for: ``CarAgent`` wires the car's parts together and decides nothing they decide themselves:
 
-It is the same for a real and a simulated car: it reads the car only through ``VehicleInterface``.
+- vehicle → safety reflex (which stops work the instant it must) and telemetry (with the work energy metered
+  today in the owner's time zone) to the link;
+- link commands → the assignment state machine (``assignments.Assignments``: what each assignment is doing and
+  what the shim must be told);
+- each new assignment: admission (the reflex's ``admit()`` and the owner's rules, ``fleetlet.policy``), the
+  artifact client (fetch by digest through the grant), the runner (``runtime.Runner``: the sandbox by default;
+  the pod's resources become its limits, its accelerator its execution provider), progress, checkpoints and the
+  result uploaded, energy metered per assignment;
+- the owner's rules on the car (``policy`` messages): new work refused while they forbid it, running work
+  drained gracefully (SIGTERM → checkpoint) when they start to, checked on every vehicle change, every policy
+  and at the next instant the answer changes by time or energy alone (one timer per agent);
+- one delivery mechanism: the outbox is the state machine's latest status of every held assignment, sent when
+  it changes (progress at most every ``status_interval_seconds``), re-sent after every welcome, and dropped only
+  when the shim acks it.
 
-What it must never do: await anything on the safety path (the reflex callback only flips flags, sends SIGKILL
-and sets the work meter), start a sandbox that the reflex does not guard, let a bad or hostile assignment crash
-it (every failure becomes a ``Failed`` status with a reason), log a grant token or URL (bearer credentials), or
-import the shim.
+It is the same for a real and a SIMULATED car: it reads the car only through ``VehicleInterface``, is told
+the car's compute load through an injected work meter, and computes through an injected ``Runner``.
+
+What it must never do: await anything on the safety path (the reflex callback only sends SIGKILL, flips a flag
+and stops metering), start work that the reflex does not guard or that the owner's rules forbid, let a bad or
+hostile assignment crash it (every failure becomes a ``Failed`` status with a reason), log a grant token or URL
+(bearer credentials), or import the shim or the simulator.
 """
 
 from __future__ import annotations
@@ -22,60 +31,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
+import json
 import logging
+import os
 import shutil
 import ssl
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 import aiohttp
-import numpy as np
 
 from fleetlet.api.v1alpha1 import Telemetry
-from fleetlet.artifacts import blob_url
+from fleetlet.api.v1alpha1.shard import ShardCheckpoint
+from fleetlet.api.v1alpha1.vehiclenode import Policy
 from fleetlet.carlink import protocol
-from fleetlet.carlink.protocol import (
-    Assign,
-    Capacity,
-    Checkpoint,
-    ContainerState,
-    HeldAssignment,
-    PodStatus,
-    Stop,
-)
+from fleetlet.carlink.protocol import Ack, Assign, Capacity, HeldAssignment, OwnerPolicy, Stop
+from fleetlet.policy import CarPolicy, evaluate
 
+from .artifact_client import ArtifactClient, ArtifactFailure
+from .assignments import AckResult, Assignments, RunEnd, StopAction
+from .energy import EnergyMeter
 from .link import CarLink, CarLinkConfig, Command
 from .reflex import Refusal, SafetyReflex, StopTrigger
-from .runtime import (
-    DigestMismatch,
-    FetchError,
-    Limits,
-    Progress,
-    Reason,
-    RunResult,
-    RunSpec,
-    SandboxedRun,
-    fetch_artifact,
-)
-from .runtime.results import load_arrays, write_arrays
-from .vehicle import SimulatedVehicle, VehicleInterface, VehicleState
+from .runtime import Limits, Progress, Reason, Run, Runner, RunResult, RunSpec, SandboxRunner, ShardRef
+from .runtime.inputs import InputError, read_checkpoint, slice_input
+from .runtime.providers import accelerator_missing_message
+from .runtime.resources import CpuAllocator, cpu_threads, memory_bytes
+from .vehicle import VehicleInterface, VehicleState
 
 log = logging.getLogger(__name__)
 
-AGENT_VERSION = "fleetlet-car/0.1.0"
-Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+AGENT_VERSION = "fleetlet-car/0.2.0"
 WorkMeter = Callable[[float], None]
 """Told the car's compute load (0..1 of its compute power) whenever it changes; must be quick and never block."""
-
-EXIT_SIGTERM = 143  # 128 + SIGTERM: stopped gracefully, as a container runtime reports it
-EXIT_SIGKILL = 137  # 128 + SIGKILL
+PolicyEvaluator = Callable[..., CarPolicy]
+"""``fleetlet.policy.evaluate`` (tests may pass a stand-in with the same signature)."""
 
 # Reason words a pod status carries (CamelCase), for what the reflex refuses or trips on.
 ADMISSION_REASONS: dict[str, str] = {
@@ -93,61 +88,51 @@ TRIP_REASONS: dict[str, str] = {
     StopTrigger.COMPUTE_OVERHEAT: "ComputeOverheat",
     StopTrigger.UNPLUGGED: "CarUnplugged",
 }
-_MAX_HELD = 64  # protocol.Hello.assignments max_length
+_ENERGY_FILE = "energy.json"
+_RETRY_SECONDS = 0.5  # a full link queue drains in well under this
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """How an agent runs shards and reports them. Defaults suit a car; tests shorten the intervals."""
+    """How an agent runs shards and reports them. Defaults suit a car; tests shorten the intervals.
+
+    The pod decides its own threads, memory and accelerator (its resources); these are the car's settings."""
 
     agent_version: str = AGENT_VERSION
     runtimes: tuple[str, ...] = ("onnx",)
     batch_size: int = 64
-    threads: int = 1
     checkpoint_every_items: int = 0  # 0 = by time only
     checkpoint_every_seconds: float = 30.0
-    memory_bytes: int | None = 2 << 30
     wall_seconds: float | None = None
     allow_network_fallback: bool = False  # see sandbox.py: only when unshare(CLONE_NEWNET) is refused
-    status_interval_seconds: float = 2.0  # progress podStatus at most this often per assignment
+    status_interval_seconds: float = 2.0  # progress-only podStatus at most this often per assignment
     log_interval_seconds: float = 5.0  # progress log lines at most this often per assignment
-    confirm_seconds: float = 10.0  # a final status counts as delivered once its link stayed up this long
+    drain_grace_seconds: float = 30.0  # the owner's rules stop running work gracefully within this
     work_load: float = 1.0  # compute load (0..1) one running shard puts on the car
+    compute_power_w: float = 100.0  # the computer's draw at full load, W (hardware.computePowerW)
+    idle_power_w: float = 0.0  # the car kept awake for work, W (hardware.idlePowerW)
     http_timeout_seconds: float = 600.0
     upload_attempts: int = 3
     link: CarLinkConfig = field(default_factory=CarLinkConfig)
 
 
 @dataclass(eq=False)
-class _Held:
-    """One assignment the car holds. Changed only on the event loop, except ``tripped``/``metered`` (reflex)."""
+class _Work:
+    """The agent's handles on one assignment's work (its logical state lives in the state machine).
+    Changed on the event loop only, except ``tripped`` (the reflex callback)."""
 
-    assign: Assign
+    uid: str
     work_dir: Path
-    phase: Phase = "Pending"
-    items_done: int = 0
-    checkpoint: Checkpoint | None = None
-    result_digest: str | None = None
-    started_at: datetime | None = None
-    last_status: PodStatus | None = None
-    final: bool = False
-    final_sent: tuple[CarLink, int] | None = None  # (link, its connection number) the final status went out on
-    run: SandboxedRun | None = None
     task: asyncio.Task[None] | None = None
     fetch: asyncio.Task[tuple[Path, Path, Path | None]] | None = None
+    run: Run | None = None
     unguard: Callable[[], None] | None = None  # removes the reflex stop callback
-    stop: Stop | None = None
     stopper: asyncio.Task[None] | None = None
-    tripped: bool = False  # set by the reflex callback
-    metered: bool = False
+    cpus: tuple[int, ...] = ()
+    tripped: bool = False
     log_offset: int = 0
-    last_status_at: float = 0.0
     last_log_at: float = 0.0
     loaded: bool = False  # the runner reported an event, so it had loaded the model
-
-    @property
-    def uid(self) -> str:
-        return self.assign.uid
 
 
 class _Refused(Exception):
@@ -163,7 +148,7 @@ class CarAgent:
     """The agent of one car. ``await start()``, then it serves until ``await close()``; all on one event loop.
 
     ``disconnect()``/``connect()`` drop and redial the link (tests, simulated coverage gaps); what the car holds
-    survives them and is announced in the next hello.
+    survives them, is announced in the next hello and its statuses are re-sent until acked.
     """
 
     def __init__(
@@ -181,11 +166,20 @@ class CarAgent:
         session: aiohttp.ClientSession | None = None,
         work_meter: WorkMeter | None = None,
         work_scale: float = 1.0,
+        runner: Runner | None = None,
+        policy: Policy | None = None,
+        paused: bool = False,
+        clock: Callable[[], float] = time.time,
+        evaluate_policy: PolicyEvaluator = evaluate,
+        cpus: CpuAllocator | None = None,
     ) -> None:
         """``session`` (shared by many agents in a simulator) carries the link and the artifact requests; its
-        connector's TLS context must trust the store. ``work_meter`` defaults to the simulated car's
-        ``set_work`` for a ``SimulatedVehicle`` (a real car measures its own energy). ``work_scale`` scales
-        the load told to the meter (a simulator with a sped-up clock passes 1/speedup)."""
+        connector's TLS context must trust the store. ``work_meter`` is told the car's compute load (a
+        simulated car's physics meters its battery with it); ``work_scale`` scales that load (a simulator
+        with a sped-up clock passes 1/speedup). ``runner`` computes shards (default: the sandbox). ``policy``
+        and ``paused`` are the owner's rules until the shim sends its own (default: the reflex's policy).
+        ``clock`` (POSIX seconds) drives energy metering and the owner's hours. ``cpus`` hands out the CPUs
+        sandboxes are pinned to; agents sharing a machine (a simulator) must share one."""
         self.name = name
         self.vehicle = vehicle
         self.reflex = reflex
@@ -194,19 +188,38 @@ class CarAgent:
         self.capacity = capacity
         self.work_dir = Path(work_dir)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.work_dir / "cache"
-        self.config = config or AgentConfig()
+        self.config = cfg = config or AgentConfig()
         self.link: CarLink | None = None
+        self.runner: Runner = runner or SandboxRunner()
+        self.providers: tuple[str, ...] = ()
+        self.policy = policy or reflex.policy
+        self.paused = paused
+        self.policy_generation: int | None = None
+        self.assignments = Assignments(name, now=lambda: datetime.fromtimestamp(clock(), UTC))
+        self.meter = EnergyMeter(cfg.compute_power_w, cfg.idle_power_w, work_load=cfg.work_load,
+                                 timezone=self.policy.timezone, clock=clock)  # fmt: skip
+        self.artifacts = ArtifactClient(
+            lambda: self.session, self.cache_dir, car_ssl=ssl_context, shim_url=shim_url,
+            timeout_seconds=cfg.http_timeout_seconds, upload_attempts=cfg.upload_attempts,
+        )  # fmt: skip
+        self._clock = clock
+        self._evaluate = evaluate_policy
         self._session = session
         self._own_session: aiohttp.ClientSession | None = None
-        if work_meter is None and isinstance(vehicle, SimulatedVehicle):
-            work_meter = vehicle.car.set_work
         self._work_meter = work_meter
         self._work_scale = work_scale
-        self._held: dict[str, _Held] = {}
+        self._work: dict[str, _Work] = {}
+        self._cpus = cpus or CpuAllocator(tuple(sorted(os.sched_getaffinity(0))))
+        self._state: VehicleState | None = None
+        self._car_policy: CarPolicy | None = None
+        self._policy_timer: asyncio.TimerHandle | None = None
+        self._sent: dict[str, tuple[int, int, float]] = {}  # uid -> (version, milestone, when) last queued
+        self._retry_at = 0.0  # the link refused a status: not before this (monotonic)
+        self._wake: asyncio.Event | None = None
+        self._deliverer: asyncio.Task[None] | None = None
         self._unsubscribe: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._resend: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.last_telemetry: Telemetry | None = None
@@ -217,12 +230,16 @@ class CarAgent:
     async def start(self, *, connect: bool = True) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._wake = asyncio.Event()
         if self._session is None:
             self._own_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._artifact_ssl()))
+        await self._load_energy()
+        self.providers = await self.runner.providers()  # the hello lists them; probed once per process
         # The reflex first: it hears every change before anything else does.
         self._unsubscribe.append(self.reflex.attach(self.vehicle))
         self._unsubscribe.append(self.vehicle.subscribe(self._on_vehicle))
         self._on_vehicle(self.vehicle.state())
+        self._deliverer = asyncio.create_task(self._deliver(), name=f"outbox-{self.name}")
         if connect:
             self.connect()
 
@@ -236,9 +253,11 @@ class CarAgent:
             self.ssl_context,
             agent_version=self.config.agent_version,
             runtimes=self.config.runtimes,
+            providers=self.providers,
             capacity=self.capacity,
             held=self.held_assignments,
             on_message=self._on_command,
+            on_welcome=self._on_welcome,
             config=self.config.link,
             session=self.session,
         )
@@ -256,24 +275,28 @@ class CarAgent:
     async def close(self, *, grace_seconds: float = 0.0) -> None:
         """Stop every run (gracefully within ``grace_seconds``, else at once), drop the link, let go of the car."""
         self._closed = True
-        for h in list(self._held.values()):
-            if h.run is not None and not h.final:
-                h.stop = h.stop or Stop(uid=h.uid, grace_seconds=grace_seconds, reason="AgentShutdown")
-                self._stop_run(h, grace_seconds)
-            if h.fetch is not None:
-                h.fetch.cancel()
-        running = [h.task for h in self._held.values() if h.task is not None and not h.task.done()]
+        for h in self.assignments.active():
+            action = self.assignments.request_stop(Stop(uid=h.uid, grace_seconds=grace_seconds, reason="AgentShutdown"))
+            self._apply_stop(h.uid, action, grace_seconds)
+        running = [w.task for w in self._work.values() if w.task is not None and not w.task.done()]
         if running:
             await asyncio.wait(running, timeout=grace_seconds + 10.0)
-        for t in list(self._tasks):
+        for w in self._work.values():
+            if w.task is not None and not w.task.done():
+                w.task.cancel()
+        if self._policy_timer is not None:
+            self._policy_timer.cancel()
+        tasks = [t for t in (*self._tasks, self._deliverer) if t is not None]
+        for t in tasks:
             t.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5.0)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
         await self.disconnect()
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
-        self._set_meter()
+        self._set_work_meter()
+        await self._save_energy()
         if self._own_session is not None:
             await self._own_session.close()
 
@@ -282,14 +305,6 @@ class CarAgent:
         session = self._session or self._own_session
         assert session is not None, "start() the agent first"
         return session
-
-    def _store_ssl(self, base_url: str) -> ssl.SSLContext | None:
-        """The car's own mTLS context when the store is the shim's car listener (which demands a car
-        certificate); None (the session's default) for another store, e.g. S3."""
-        store, shim = urlsplit(base_url), urlsplit(self.shim_url)
-        if (store.hostname, store.port) == (shim.hostname, shim.port):
-            return self.ssl_context
-        return None
 
     def _artifact_ssl(self) -> ssl.SSLContext:
         # The link's context trusts only the fleet CA; the store may also be a public S3 endpoint.
@@ -306,45 +321,43 @@ class CarAgent:
 
     @property
     def running(self) -> int:
-        return sum(1 for h in self._held.values() if h.phase == "Running" and not h.final)
+        return sum(1 for h in self.assignments.held() if h.stage == "running")
 
     def assignment(self, uid: str) -> HeldAssignment | None:
-        h = self._held.get(uid)
-        return self._describe(h) if h is not None else None
+        """What the car holds of ``uid`` (as its hello would say), or None once it was acked or never came."""
+        return self.assignments.describe(uid)
+
+    def run_pid(self, uid: str) -> int | None:
+        """The pid of ``uid``'s runner while it runs (tests, diagnostics)."""
+        w = self._work.get(uid)
+        return w.run.pid if w is not None and w.run is not None else None
 
     def held_assignments(self) -> list[HeldAssignment]:
-        """What the next hello lists: running and pending work first, then finals not known to be reported.
-
-        Called by the link just before each hello; it also schedules the re-sending of their latest status
-        once the shim has welcomed the car.
-        """
+        """What the next hello lists (the link asks just before each hello)."""
         self.hellos += 1
-        live = [h for h in self._held.values() if not h.final]
-        done = [h for h in self._held.values() if h.final]
-        held = (live + done)[:_MAX_HELD]
-        if held and self.link is not None:
-            if self._resend is not None:
-                self._resend.cancel()
-            self._resend = self._spawn(self._resend_after_welcome(self.link, [h.uid for h in held]))
-        return [self._describe(h) for h in held]
-
-    @staticmethod
-    def _describe(h: _Held) -> HeldAssignment:
-        return HeldAssignment(
-            uid=h.uid, phase=h.phase, items_done=h.items_done, checkpoint=h.checkpoint, result_digest=h.result_digest
-        )
+        return self.assignments.hello()
 
     # ---- vehicle ----------------------------------------------------------------------------------------
 
     def _on_vehicle(self, state: VehicleState) -> None:
-        """Vehicle observer: may run on the vehicle bus's thread; telemetry is handed to the loop."""
+        """Vehicle observer: may run on the vehicle bus's thread; the rest is handed to the loop."""
         if self._loop is not None and threading.get_ident() != self._loop_thread:
-            self._loop.call_soon_threadsafe(self._report_telemetry, state)
+            self._loop.call_soon_threadsafe(self._vehicle_changed, state)
         else:
-            self._report_telemetry(state)
+            self._vehicle_changed(state)
 
-    def _report_telemetry(self, state: VehicleState) -> None:
-        telemetry = Telemetry(
+    def _vehicle_changed(self, state: VehicleState) -> None:
+        self._state = state
+        self._report_telemetry()
+        if self.assignments.active():
+            self._enforce_policy()
+
+    def _telemetry(self) -> Telemetry | None:
+        state = self._state
+        if state is None:
+            return None
+        kwh, day = self.meter.today()
+        return Telemetry(
             state_of_charge=min(max(state.state_of_charge, 0.0), 1.0),
             plugged_in=state.plugged_in,
             charging=state.charging,
@@ -352,22 +365,102 @@ class CarAgent:
             battery_temperature_c=min(max(state.battery_temperature_c, -60.0), 150.0),
             compute_temperature_c=min(max(state.compute_temperature_c, -60.0), 150.0),
             link_quality=min(max(state.link_quality, 0.0), 1.0),
+            energy_today_kwh=min(kwh, 1000.0),
+            energy_day=day,
             observed_at=state.observed_at,
         )
+
+    def _report_telemetry(self) -> None:
+        telemetry = self._telemetry()
+        if telemetry is None:
+            return
         self.last_telemetry = telemetry
         if self.link is not None:
             self.link.report_telemetry(telemetry)
 
-    def _set_meter(self) -> None:
+    def _set_work_meter(self) -> None:
         """Tell the car the compute load now. Synchronous and cheap: the reflex callback calls it."""
         if self._work_meter is None:
             return
-        n = sum(1 for h in tuple(self._held.values()) if h.metered)
-        load = min(1.0, n * self.config.work_load) * self._work_scale
+        load = min(1.0, self.meter.running * self.config.work_load) * self._work_scale
         try:
             self._work_meter(min(max(load, 0.0), 1.0))
         except Exception:
             log.exception("car %s: the work meter failed", self.name)
+
+    # ---- the owner's rules ------------------------------------------------------------------------------
+
+    def _evaluate_now(self) -> CarPolicy:
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        # The car judges its own readings: the link being down, or trust (the operator's concern, enforced by a
+        # taint the scheduler reads), never stop work that is safe to do.
+        result = self._evaluate(self.policy, self._telemetry(), now=now, paused=self.paused, connected=True,
+                                trusted=True, previous=self._car_policy)  # fmt: skip
+        self._car_policy = result
+        return result
+
+    def _enforce_policy(self) -> None:
+        """Drain running work if the owner's rules now say so; arm the one timer for the next change."""
+        result = self._evaluate_now()
+        reasons = result.must_drain()
+        if reasons:
+            detail = result.condition("Schedulable").message
+            for h in self.assignments.active():
+                action = self.assignments.drain(h.uid, reasons[0], detail, self.config.drain_grace_seconds)
+                if action is not None:
+                    log.info("car %s: draining %s (%s)", self.name, h.uid, ", ".join(reasons))
+                    self._apply_stop(h.uid, action)
+            self._kick()
+        self._arm_policy_timer(result)
+
+    def _arm_policy_timer(self, result: CarPolicy) -> None:
+        """One timer per agent, while work is held: at the next instant the answer changes by time alone
+        (``next_check_at``), or when today's energy reaches the owner's cap at the present draw."""
+        if self._policy_timer is not None:
+            self._policy_timer.cancel()
+            self._policy_timer = None
+        if self._loop is None or self._closed or not self.assignments.active():
+            return
+        delays: list[float] = []
+        if result.next_check_at is not None:
+            delays.append(result.next_check_at.timestamp() - self._clock())
+        to_cap = self.meter.seconds_until_today_reaches(self.policy.max_energy_per_day_kwh)
+        if to_cap:  # None: nothing draws power; 0: already reached, which the evaluation just judged
+            delays.append(to_cap)
+        if delays:
+            # A hair late, never early: at the boundary itself the answer has changed.
+            self._policy_timer = self._loop.call_later(max(0.0, min(delays)) + 0.05, self._on_policy_timer)
+
+    def _on_policy_timer(self) -> None:
+        self._policy_timer = None
+        self._report_telemetry()
+        if self.assignments.active():
+            self._enforce_policy()
+
+    def _on_policy(self, msg: OwnerPolicy) -> None:
+        self.reflex.set_policy(msg.policy)
+        self.meter.set_timezone(msg.policy.timezone)
+        self.policy, self.paused, self.policy_generation = msg.policy, msg.paused, msg.generation
+        log.info("car %s: owner's policy generation %d%s", self.name, msg.generation,
+                 " (paused)" if msg.paused else "")  # fmt: skip
+        self._report_telemetry()
+        if self.assignments.active():
+            self._enforce_policy()
+
+    def _admit(self) -> None:
+        """May new work start now? The reflex (the car's hard limits) and the owner's rules must both agree."""
+        admission = self.reflex.admit()
+        if not admission.allowed:
+            first = admission.reasons[0]
+            raise _Refused(
+                ADMISSION_REASONS.get(first, "CarNotAvailable"),
+                f"the car cannot take work now ({', '.join(admission.reasons)}); schedule it elsewhere",
+            )
+        result = self._evaluate_now()
+        blocking = result.blocking()
+        if blocking:
+            raise _Refused(blocking[0], f"the owner's rules forbid new work now: "
+                           f"{result.condition('Schedulable').message}")  # fmt: skip
 
     # ---- commands from the shim -------------------------------------------------------------------------
 
@@ -377,53 +470,71 @@ class CarAgent:
             self._on_assign(cmd)
         elif isinstance(cmd, Stop):
             self._on_stop(cmd)
+        elif isinstance(cmd, Ack):
+            self._on_ack(cmd)
+        elif isinstance(cmd, OwnerPolicy):
+            self._on_policy(cmd)
         else:
             log.warning("car %s: the shim refused a message (%s): %s", self.name, cmd.code, cmd.message)
+        self._kick()
 
     def _on_assign(self, msg: Assign) -> None:
-        h = self._held.get(msg.uid)
-        if h is not None:
-            if h.final and h.last_status is not None:
-                log.info("car %s: %s assigned again after it ended; re-sending its final status", self.name, msg.uid)
-                self._spawn(self._send_status(h, h.last_status))
-            return
         if self._closed:
             return
-        h = _Held(msg, self.work_dir / "runs" / msg.uid)
-        self._held[msg.uid] = h
-        log.info("car %s: assigned %s/%s (uid %s, items %d..%d)", self.name, msg.namespace, msg.name, msg.uid,
-                 msg.shard.input.start, msg.shard.input.end)
-        h.task = asyncio.create_task(self._execute(h), name=f"shard-{self.name}-{msg.uid}")
+        if not self.assignments.assign(msg):
+            log.info("car %s: %s assigned again; it is already held (ignored)", self.name, msg.uid)
+            return
+        a = msg.assignment
+        log.info("car %s: assigned %s/%s (uid %s, items %d..%d, cpu %s, memory %s, accelerator %d)", self.name,
+                 msg.namespace, msg.name, msg.uid, a.input.start, a.input.end, a.resources.cpu,
+                 a.resources.memory, a.resources.accelerator)  # fmt: skip
+        w = _Work(msg.uid, self.work_dir / "runs" / msg.uid)
+        self._work[msg.uid] = w
+        w.task = asyncio.create_task(self._execute(w), name=f"shard-{self.name}-{msg.uid}")
 
     def _on_stop(self, msg: Stop) -> None:
-        h = self._held.get(msg.uid)
-        if h is None:
-            log.debug("car %s: stop for %s, which it does not hold", self.name, msg.uid)
-            return
-        if h.final:  # the shim no longer wants to hear about it (e.g. the pod is gone)
-            self._held.pop(msg.uid, None)
-            return
-        if h.stop is None:
-            h.stop = msg
+        action = self.assignments.request_stop(msg)
+        if action is StopAction.UNKNOWN:
+            log.info("car %s: stop for %s, which it does not hold: answered UnknownAssignment", self.name, msg.uid)
+        elif action is StopAction.RESEND:
+            log.debug("car %s: stop for %s, already final: its status is sent again", self.name, msg.uid)
+        else:
             log.info("car %s: stopping %s (%s, grace %.0f s)", self.name, msg.uid, msg.reason or "Stop",
-                     msg.grace_seconds)
-        if h.fetch is not None:
-            h.fetch.cancel()
-        if h.run is not None and h.phase == "Running":
-            self._stop_run(h, msg.grace_seconds)
+                     msg.grace_seconds)  # fmt: skip
+            self._apply_stop(msg.uid, action, msg.grace_seconds)
 
-    def _stop_run(self, h: _Held, grace: float) -> None:
-        run = h.run
+    def _on_ack(self, msg: Ack) -> None:
+        result = self.assignments.ack(msg.uid)
+        if result is AckResult.FORGOTTEN:
+            self._sent.pop(msg.uid, None)
+            self.meter.forget(msg.uid)
+        elif result is AckResult.UNKNOWN:
+            log.debug("car %s: ack for %s, which it no longer holds", self.name, msg.uid)
+
+    def _apply_stop(self, uid: str, action: StopAction, grace: float | None = None) -> None:
+        w = self._work.get(uid)
+        h = self.assignments.get(uid)
+        if w is None or h is None:
+            return
+        if grace is None:
+            grace = h.stop.grace_seconds if h.stop is not None else 0.0
+        if action is StopAction.CANCEL and w.fetch is not None:
+            w.fetch.cancel()
+        elif action is StopAction.STOP_RUN and w.run is not None:
+            self._stop_run(w, grace)
+
+    def _stop_run(self, w: _Work, grace: float) -> None:
+        run = w.run
         if run is None:
             return
         if grace <= 0:
             run.kill_now()
             return
-        if h.stopper is None or h.stopper.done():
-            h.stopper = self._spawn(self._graceful_stop(run, grace))
+        if w.stopper is None or w.stopper.done():
+            w.stopper = self._spawn(self._graceful_stop(run, grace))
 
-    async def _graceful_stop(self, run: SandboxedRun, grace: float) -> None:
-        # SandboxedRun.stop() waits its own spec's grace; the shim's grace (the pod's) rules here.
+    async def _graceful_stop(self, run: Run, grace: float) -> None:
+        # The run's own stop waits its spec's grace; the pod's (or the owner's) grace rules here.
         stopping = asyncio.create_task(run.stop())
         done, _ = await asyncio.wait({stopping}, timeout=grace)
         if not done:
@@ -433,342 +544,313 @@ class CarAgent:
 
     # ---- one assignment ---------------------------------------------------------------------------------
 
-    async def _execute(self, h: _Held) -> None:
+    async def _execute(self, w: _Work) -> None:
+        uid = w.uid
         try:
-            await self._run_assignment(h)
+            await self._run_assignment(w)
         except _Refused as r:
-            await self._finish(h, "Failed", r.reason, r.message)
+            self.assignments.refuse(uid, r.reason, r.message)
+        except ArtifactFailure as f:
+            h = self.assignments.get(uid)
+            if h is not None and h.stop is not None:
+                self.assignments.abandon(uid)
+            else:
+                self.assignments.refuse(uid, f.reason, f.message)
         except asyncio.CancelledError:
-            if h.run is not None:
-                h.run.kill_now()
+            if w.run is not None:
+                w.run.kill_now()
             raise
         except Exception as e:
-            log.exception("car %s: assignment %s failed inside the agent", self.name, h.uid)
-            if h.run is not None:
-                h.run.kill_now()
-            await self._finish(h, "Failed", "AgentError", f"the car agent failed: {type(e).__name__}: {e}"[:1000])
+            log.exception("car %s: assignment %s failed inside the agent", self.name, uid)
+            if w.run is not None:
+                w.run.kill_now()
+            self.assignments.fail(uid, "AgentError", f"the car agent failed: {type(e).__name__}: {e}"[:1000])
         finally:
-            if h.unguard is not None:
-                h.unguard()
-                h.unguard = None
-            if h.metered:
-                h.metered = False
-                self._set_meter()
+            if w.unguard is not None:
+                w.unguard()
+                w.unguard = None
+            self._stop_metering(w)
+            self._cpus.give_back(w.cpus)
+            w.cpus = ()
+            self._work.pop(uid, None)
+            self._kick()
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(shutil.rmtree, h.work_dir, True)
-        if h.final and not self._closed:
-            self._spawn(self._confirm(h))
+                await asyncio.to_thread(shutil.rmtree, w.work_dir, True)
+        h = self.assignments.get(uid)
+        if h is not None and h.final:
+            level = logging.INFO if h.phase == "Succeeded" else logging.WARNING
+            log.log(level, "car %s: %s %s: %s: %s", self.name, uid, h.phase, h.reason, h.message)
+            await self._log(w, f"ended: {h.reason}: {h.message}"[:4096])
+        await self._save_energy()
 
-    async def _run_assignment(self, h: _Held) -> None:
-        a, cfg = h.assign, self.config
+    async def _run_assignment(self, w: _Work) -> None:
+        uid, cfg = w.uid, self.config
+        held = self.assignments.get(uid)
+        assert held is not None and held.assign is not None
+        a = held.assign.assignment
         self._admit()
-        shard = a.shard
-        if shard.model.runtime not in cfg.runtimes:
-            raise _Refused("UnsupportedRuntime", f"this car does not offer the {shard.model.runtime!r} runtime")
-        if shard.input.format not in ("npy", "npz"):
-            raise _Refused("InputError", f"input format {shard.input.format!r} is not npy or npz")
-        await self._report(h, "Pending", "waiting", reason="ContainerCreating", message="fetching the model and input")
-        await self._log(h, f"assigned items {shard.input.start}..{shard.input.end} of sha256:{shard.input.digest}")
-
-        h.fetch = asyncio.create_task(self._fetch_all(h))
+        if a.model.runtime not in cfg.runtimes:
+            raise _Refused("UnsupportedRuntime", f"this car does not offer the {a.model.runtime!r} runtime")
+        if a.input.format not in ("npy", "npz"):
+            raise _Refused("InputError", f"input format {a.input.format!r} is not npy or npz")
+        res = a.resources
+        provider = self.runner.provider_for(res.accelerator)
+        if provider is None:
+            raise _Refused("AcceleratorUnavailable",
+                           accelerator_missing_message(res.accelerator, res.accelerator_type, self.providers))
         try:
-            model_path, input_path, resume_path = await h.fetch
-        except asyncio.CancelledError:
-            if h.stop is None:
-                raise
-        if h.stop is not None:
-            raise _Refused("Stopped", f"stopped before it ran ({h.stop.reason or 'Stop'})")
+            threads, memory = cpu_threads(res.cpu), memory_bytes(res.memory)
+        except ValueError as e:
+            raise _Refused("InvalidResources", str(e)) from None
+        self.assignments.fetching(uid)
+        self._kick()
+        await self._log(w, f"assigned items {a.input.start}..{a.input.end} of sha256:{a.input.sha256} "
+                           f"(cpu {res.cpu} -> {threads} thread(s), memory {res.memory}, provider {provider})")
 
+        w.fetch = asyncio.create_task(self._fetch_all(w))
+        try:
+            model_path, input_path, resume_path = await w.fetch
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if (task is not None and task.cancelling()) or held.stop is None:
+                raise
+        if held.stop is not None:
+            self.assignments.abandon(uid)
+            return
+
+        w.cpus = self._cpus.take(threads)
         spec = RunSpec(
             model_path=model_path,
             input_path=input_path,
-            work_dir=h.work_dir / "sandbox",
-            input_format=shard.input.format,  # type: ignore[arg-type]
-            model_sha256=shard.model.digest,
-            input_sha256=shard.input.digest if input_path.name == shard.input.digest else None,
+            work_dir=w.work_dir / "sandbox",
+            input_format="npz" if a.input.format == "npz" else "npy",
+            model_sha256=a.model.sha256,
+            input_sha256=a.input.sha256 if input_path.name == a.input.sha256 else None,
             batch_size=cfg.batch_size,
-            threads=cfg.threads,
+            threads=threads,  # from the pod spec only, so replicas agree byte for byte
+            cpus=w.cpus,
             checkpoint_every_items=cfg.checkpoint_every_items,
             checkpoint_every_seconds=cfg.checkpoint_every_seconds,
-            limits=Limits(memory_bytes=cfg.memory_bytes, wall_seconds=cfg.wall_seconds),
+            limits=Limits(memory_bytes=memory, wall_seconds=cfg.wall_seconds),
             allow_network_fallback=cfg.allow_network_fallback,
-            use_accelerator=bool(shard.resources.accelerator),
+            accelerator=res.accelerator,
+            accelerator_type=res.accelerator_type,
             resume_from=resume_path,
+            shard=ShardRef(a.model.sha256, a.input.sha256, a.input.start, a.input.end),
         )
-        run = SandboxedRun(spec)
-        h.run = run
+        run = self.runner.run(spec)
+        w.run = run
 
-        def on_trip() -> None:  # the safety path: flags, SIGKILL, meter; nothing that waits
-            h.tripped = True
+        def on_trip() -> None:  # the safety path: SIGKILL first, then flags and the meter; nothing that waits
             run.kill_now()
-            if h.metered:
-                h.metered = False
-                self._set_meter()
+            w.tripped = True
+            self._stop_metering(w)
 
         # Guard first, then ask: if the reflex is already tripped the callback fires at once.
-        h.unguard = self.reflex.add_stop_callback(on_trip)
+        w.unguard = self.reflex.add_stop_callback(on_trip)
         self._admit()
-        if h.tripped:
-            raise _Refused(self._trip_reason(), "the car stopped being safe to work on before the shard started")
         try:
             await run.start()
         except OSError as e:
             raise _Refused("SandboxUnavailable", f"the sandbox could not start: {e}") from e
-        if h.tripped:  # the reflex fired while the child was being created (kill_now had no process yet)
+        if w.tripped:  # the reflex fired while the child was being created (kill_now had no process yet)
             run.kill_now()
-        h.phase = "Running"
-        h.started_at = datetime.now(UTC)
-        if not h.tripped:
-            h.metered = True
-            self._set_meter()
-        await self._report(h, "Running", "running")
-        await self._log(h, f"started the sandboxed runner (pid {run.pid})")
-        if h.stop is not None:
-            self._stop_run(h, h.stop.grace_seconds)
+        self.assignments.started(uid, provider)
+        if not w.tripped:
+            self.meter.start(uid)
+            self._set_work_meter()
+            if w.tripped:  # a trip on the vehicle's thread in between: its own stop may have come first
+                self._stop_metering(w)
+        self._kick()
+        await self._log(w, f"started the runner (pid {run.pid}, {threads} thread(s) on CPUs "
+                           f"{','.join(map(str, w.cpus))}, memory limit {res.memory}, {provider})")
+        if held.stop is not None:  # a stop or a drain came while it was starting
+            self._stop_run(w, held.stop.grace_seconds)
+        if self._car_policy is not None:
+            self._arm_policy_timer(self._car_policy)
 
         async for ev in run.events():
-            await self._on_progress(h, ev)
+            await self._on_progress(w, ev)
         result = await run.wait()
-        if h.metered:
-            h.metered = False
-            self._set_meter()
-        await self._conclude(h, result)
+        self._stop_metering(w)
+        await self._conclude(w, result)
 
-    def _admit(self) -> None:
-        admission = self.reflex.admit()
-        if not admission.allowed:
-            first = admission.reasons[0]
-            raise _Refused(
-                ADMISSION_REASONS.get(first, "CarNotAvailable"),
-                f"the car cannot take work now ({', '.join(admission.reasons)}); schedule it elsewhere",
-            )
+    def _stop_metering(self, w: _Work) -> None:
+        """Synchronous, cheap and idempotent: the reflex callback calls it, maybe from the vehicle's thread.
+        Unconditional, so a trip racing the start of metering cannot leave an assignment metered."""
+        self.meter.stop(w.uid)
+        self._set_work_meter()
 
-    def _trip_reason(self) -> str:
+    def _trip_reason(self) -> tuple[str, str]:
         trip = self.reflex.last_trip
         triggers = trip.triggers if trip is not None else self.reflex.latched_triggers
         if StopTrigger.NOT_PARKED in triggers:
-            return TRIP_REASONS[StopTrigger.NOT_PARKED]
-        for t in sorted(triggers):
-            return TRIP_REASONS.get(t, "SafetyStop")
-        return "SafetyStop"
+            reason = TRIP_REASONS[StopTrigger.NOT_PARKED]
+        else:
+            reason = next((TRIP_REASONS.get(t, "SafetyStop") for t in sorted(triggers)), "SafetyStop")
+        state = trip.state if trip is not None else self._state
+        where = f", drive state {state.drive_state}, charge {state.state_of_charge:.0%}" if state else ""
+        return reason, f"{reason}{where}"
 
-    async def _fetch_all(self, h: _Held) -> tuple[Path, Path, Path | None]:
-        a = h.assign
-        shard = a.shard
+    async def _fetch_all(self, w: _Work) -> tuple[Path, Path, Path | None]:
+        held = self.assignments.get(w.uid)
+        assert held is not None and held.assign is not None
+        a, grant = held.assign.assignment, held.assign.grant
 
         async def get(digest: str, what: str) -> Path:
-            url = blob_url(a.grant.base_url, digest, a.grant.token)
-            try:
-                path = await fetch_artifact(
-                    url, digest, self.cache_dir, session=self.session, ssl=self._store_ssl(a.grant.base_url),
-                    http_timeout=aiohttp.ClientTimeout(total=self.config.http_timeout_seconds, sock_read=60),
-                )  # fmt: skip
-            except DigestMismatch as e:
-                raise _Refused("DigestMismatch", f"{what}: {e}") from None
-            except FetchError as e:
-                raise _Refused("FetchFailed", f"{what}: {e}") from None
-            await self._log(h, f"fetched {what} sha256:{digest}")
+            path = await self.artifacts.fetch(grant, digest, what)
+            await self._log(w, f"fetched {what} sha256:{digest}")
             return path
 
-        wanted = [get(shard.model.digest, "model"), get(shard.input.digest, "input")]
+        wanted = [get(a.model.sha256, "model"), get(a.input.sha256, "input")]
         if a.resume_from is not None:
-            wanted.append(get(a.resume_from.digest, "checkpoint"))
+            wanted.append(get(a.resume_from.sha256, "checkpoint"))
         paths = await asyncio.gather(*wanted)
-        input_path = await asyncio.to_thread(_slice_input, paths[1], shard.input.format, shard.input.start,
-                                             shard.input.end, h.work_dir)
-        resume = paths[2] if len(paths) > 2 else None
-        if resume is not None and a.resume_from is not None:
-            h.checkpoint = a.resume_from
-            h.items_done = a.resume_from.items_done
-        return paths[0], input_path, resume
+        try:
+            input_path = await asyncio.to_thread(slice_input, paths[1], a.input.format, a.input.start,
+                                                 a.input.end, w.work_dir)  # fmt: skip
+        except InputError as e:
+            raise _Refused("InputError", str(e)) from None
+        return paths[0], input_path, paths[2] if len(paths) > 2 else None
 
-    async def _on_progress(self, h: _Held, ev: Progress) -> None:
-        now = time.monotonic()
-        h.items_done = ev.items_done
-        if not h.loaded:
-            h.loaded = True
-            await self._log(h, f"loaded model sha256:{h.assign.shard.model.digest}")
-        if ev.kind == "checkpoint" and ev.checkpoint_path is not None and not h.tripped:
-            ck = await self._upload_checkpoint(h, ev.checkpoint_path)
+    async def _on_progress(self, w: _Work, ev: Progress) -> None:
+        uid, now = w.uid, time.monotonic()
+        if not w.loaded:
+            w.loaded = True
+            held = self.assignments.get(uid)
+            if held is not None and held.assign is not None:
+                await self._log(w, f"loaded model sha256:{held.assign.assignment.model.sha256}")
+        self.assignments.progress(uid, ev.items_done)
+        self.assignments.metered(uid, self.meter.assignment_kwh(uid))
+        if ev.kind == "checkpoint" and ev.checkpoint_path is not None and not w.tripped:
+            ck = await self._upload_checkpoint(w, ev.checkpoint_path)
             if ck is not None:
-                await self._log(h, f"checkpoint at {ck.items_done}/{ev.items_total} items sha256:{ck.digest}")
-                await self._report(h, "Running", "running")
-                h.last_status_at = now
-            return
-        if ev.kind == "resumed":
-            await self._log(h, f"resumed from the checkpoint at {ev.items_done}/{ev.items_total} items")
-        if now - h.last_log_at >= self.config.log_interval_seconds:
-            h.last_log_at = now
-            await self._log(h, f"items {ev.items_done}/{ev.items_total}")
-        if now - h.last_status_at >= self.config.status_interval_seconds:
-            h.last_status_at = now
-            await self._report(h, "Running", "running")
+                self.assignments.checkpointed(uid, ck)
+                await self._log(w, f"checkpoint at {ck.items_done}/{ev.items_total} items sha256:{ck.sha256}")
+        elif ev.kind == "resumed":
+            await self._log(w, f"resumed from the checkpoint at {ev.items_done}/{ev.items_total} items")
+        if now - w.last_log_at >= self.config.log_interval_seconds:
+            w.last_log_at = now
+            await self._log(w, f"items {ev.items_done}/{ev.items_total}")
+        self._report_telemetry()  # today's energy moves while work runs (sent past its deadband)
+        self._kick()
 
-    async def _conclude(self, h: _Held, result: RunResult) -> None:
-        h.items_done = result.items_done
+    async def _conclude(self, w: _Work, result: RunResult) -> None:
+        uid = w.uid
+        if result.provider:
+            self.assignments.ran_on(uid, result.provider)
+        self.assignments.metered(uid, self.meter.assignment_kwh(uid))
+        if w.tripped:
+            self.assignments.trip(uid, *self._trip_reason())
+        end = RunEnd(result.reason.value, result.message, result.exit_code, result.signal, result.items_done,
+                     result.duration_seconds)  # fmt: skip
         if result.reason is Reason.COMPLETED and result.result_path is not None and result.result_sha256:
-            await self._log(h, f"items {result.items_done}/{result.items_total}")
+            await self._log(w, f"items {result.items_done}/{result.items_total}")
             try:
-                await self._upload(h, result.result_sha256, await asyncio.to_thread(result.result_path.read_bytes))
-            except _Refused as r:
-                await self._finish(h, "Failed", r.reason, r.message, exit_code=0)
+                data = await asyncio.to_thread(result.result_path.read_bytes)
+                held = self.assignments.get(uid)
+                assert held is not None and held.grant is not None
+                await self.artifacts.upload(held.grant, result.result_sha256, data)
+            except ArtifactFailure as f:
+                self.assignments.fail(uid, f.reason, f.message, exit_code=0)
                 return
-            h.result_digest = result.result_sha256
-            await self._log(h, f"result sha256:{result.result_sha256}")
-            await self._finish(h, "Succeeded", "Completed", f"{result.items_done} items in "
-                               f"{result.duration_seconds:.1f} s", exit_code=0)
+            await self._log(w, f"result sha256:{result.result_sha256}")
+            self.assignments.run_ended(uid, end, result.result_sha256)
             return
         if result.checkpoint_path is not None:
-            await self._upload_checkpoint(h, result.checkpoint_path)
-        resume = f"; resume from the checkpoint at {h.checkpoint.items_done} items" if h.checkpoint else ""
-        if h.tripped:
-            reason = self._trip_reason()
-            state = self.vehicle.state()
-            message = (f"the car's safety reflex killed the shard at once ({reason}, drive state "
-                       f"{state.drive_state}) after {h.items_done} items{resume}")
-            exit_code = EXIT_SIGKILL
-        elif h.stop is not None:
-            reason = "Stopped"
-            graceful = result.reason is Reason.STOPPED
-            exit_code = EXIT_SIGTERM if graceful else EXIT_SIGKILL
-            how = "gracefully" if graceful else "by SIGKILL after its grace period"
-            message = f"stopped {how} ({h.stop.reason or 'Stop'}) after {h.items_done} items{resume}"
-        else:
-            reason = result.reason.value
-            exit_code = result.exit_code if result.exit_code is not None else 128 + (result.signal or 9)
-            message = f"{result.message}{resume}"
-        await self._log(h, f"ended: {reason}: {message}"[:4096])
-        await self._finish(h, "Failed", reason, message, exit_code=exit_code)
+            ck = await self._upload_checkpoint(w, result.checkpoint_path)
+            if ck is not None:
+                self.assignments.checkpointed(uid, ck)
+        self.assignments.run_ended(uid, end)
 
     # ---- artifacts --------------------------------------------------------------------------------------
 
-    async def _upload_checkpoint(self, h: _Held, path: Path) -> Checkpoint | None:
+    async def _upload_checkpoint(self, w: _Work, path: Path) -> ShardCheckpoint | None:
+        held = self.assignments.get(w.uid)
+        if held is None or held.grant is None:
+            return None
         try:
-            snap = await asyncio.to_thread(_read_checkpoint, path)
+            data, items_done = await asyncio.to_thread(read_checkpoint, path)
         except (OSError, ValueError, KeyError) as e:
-            log.warning("car %s: checkpoint of %s unreadable (%s); keeping the previous one", self.name, h.uid, e)
+            log.warning("car %s: checkpoint of %s unreadable (%s); keeping the previous one", self.name, w.uid, e)
             return None
-        data, items_done = snap
         digest = hashlib.sha256(data).hexdigest()
-        if h.checkpoint is not None and h.checkpoint.digest == digest:
-            return h.checkpoint
+        if held.checkpoint is not None and held.checkpoint.sha256 == digest:
+            return held.checkpoint
         try:
-            await self._upload(h, digest, data)
-        except _Refused as r:
-            log.warning("car %s: checkpoint of %s not uploaded: %s", self.name, h.uid, r.message)
+            await self.artifacts.upload(held.grant, digest, data)
+        except ArtifactFailure as f:
+            log.warning("car %s: checkpoint of %s not uploaded: %s", self.name, w.uid, f.message)
             return None
-        h.checkpoint = Checkpoint(digest=digest, items_done=items_done)
-        return h.checkpoint
+        return ShardCheckpoint(sha256=digest, items_done=items_done)
 
-    async def _upload(self, h: _Held, digest: str, data: bytes) -> None:
-        grant = h.assign.grant
-        url = blob_url(grant.base_url, digest, grant.token)
-        timeout = aiohttp.ClientTimeout(total=self.config.http_timeout_seconds, sock_read=60)
-        problem = ""
-        for attempt in range(self.config.upload_attempts):
-            if attempt:
-                await asyncio.sleep(min(2.0**attempt, 10.0))
+    # ---- delivery: the outbox ---------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _on_welcome(self) -> None:
+        """A new connection: everything held is due again (the shim may have lost it), oldest first."""
+        self._sent.clear()
+        self._retry_at = 0.0
+        self._kick()
+
+    async def _deliver(self) -> None:
+        assert self._wake is not None
+        while True:
+            wait = self._next_due()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            self._wake.clear()
             try:
-                ctx = self._store_ssl(grant.base_url)
-                extra = {"ssl": ctx} if ctx is not None else {}
-                async with self.session.put(url, data=data, timeout=timeout, **extra) as resp:
-                    if resp.status in (200, 201):
-                        return
-                    problem = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                    if resp.status in (400, 403, 413):
-                        break  # the grant or the bytes are wrong: retrying cannot help
-            except (aiohttp.ClientError, TimeoutError) as e:
-                problem = f"{type(e).__name__}: {e}"
-        raise _Refused("UploadFailed", f"uploading sha256:{digest} to the artifact store failed: {problem}")
+                await self._flush()
+            except Exception:  # delivery must outlive a bug in one report: the next wake tries again
+                log.exception("car %s: sending statuses failed", self.name)
 
-    # ---- reports ----------------------------------------------------------------------------------------
+    def _next_due(self) -> float | None:
+        """Seconds until a status falls due; None when nothing waits (or no link: the welcome kicks)."""
+        if not self.connected:
+            return None
+        interval, now, due = self.config.status_interval_seconds, time.monotonic(), None
+        if self._retry_at > now:
+            return self._retry_at - now
+        for h in self.assignments.held():
+            sent = self._sent.get(h.uid)
+            if sent is not None and sent[0] != h.version:
+                left = max(0.0, sent[2] + interval - now)
+                due = left if due is None else min(due, left)
+        return due
 
-    async def _report(
-        self,
-        h: _Held,
-        phase: Phase,
-        state: Literal["waiting", "running", "terminated"],
-        *,
-        reason: str | None = None,
-        message: str | None = None,
-        exit_code: int | None = None,
-    ) -> None:
-        h.phase = phase
-        status = PodStatus(
-            car=self.name,
-            uid=h.uid,
-            phase=phase,
-            container=ContainerState(
-                state=state,
-                exit_code=exit_code,
-                reason=reason,
-                message=message[:1024] if message else None,
-                started_at=h.started_at if state != "waiting" else None,
-                finished_at=datetime.now(UTC) if state == "terminated" else None,
-            ),
-            items_done=h.items_done,
-            checkpoint=h.checkpoint,
-            result_digest=h.result_digest,
-        )
-        h.last_status = status
-        await self._send_status(h, status)
-
-    async def _send_status(self, h: _Held, status: PodStatus) -> None:
+    async def _flush(self) -> None:
         link = self.link
-        if link is None:
-            return  # kept as h.last_status; re-sent after the next hello
-        await link.send(status)
-        if h.final and link.connected.is_set():
-            h.final_sent = (link, link.stats.connects)
+        if link is None or not link.connected.is_set():
+            return  # everything is re-sent after the next welcome
+        interval, now = self.config.status_interval_seconds, time.monotonic()
+        if now < self._retry_at:
+            return
+        for h in reversed(self.assignments.held()):  # oldest first: reports arrive in the order work happened
+            sent = self._sent.get(h.uid)
+            if sent is not None and sent[0] == h.version:
+                continue
+            if sent is not None and sent[1] == h.milestone and now - sent[2] < interval:
+                continue  # progress only: at most every status interval
+            if not await link.send(self.assignments.status(h.uid)):
+                # The link's queue is full or it just went down: try again shortly (or after the welcome).
+                self._retry_at = now + _RETRY_SECONDS
+                return
+            self._sent[h.uid] = (h.version, h.milestone, now)
 
-    async def _finish(
-        self, h: _Held, phase: Phase, reason: str, message: str, *, exit_code: int | None = None
-    ) -> None:
-        h.final = True
-        level = logging.INFO if phase == "Succeeded" else logging.WARNING
-        log.log(level, "car %s: %s %s: %s: %s", self.name, h.uid, phase, reason, message)
-        await self._report(h, phase, "terminated", reason=reason, message=message, exit_code=exit_code)
-
-    async def _log(self, h: _Held, *lines: str) -> None:
+    async def _log(self, w: _Work, *lines: str) -> None:
+        """Lines of the assignment's log, best effort (``offset`` shows the shim where lines went missing)."""
         link = self.link
-        offset = h.log_offset
-        h.log_offset += len(lines)
+        offset = w.log_offset
+        w.log_offset += len(lines)
         if link is None:
             return
         with contextlib.suppress(ValueError):
-            await link.send(protocol.Log(car=self.name, uid=h.uid, offset=offset, lines=[ln[:4096] for ln in lines]))
-
-    async def _confirm(self, h: _Held) -> None:
-        """Forget a final status once the link it went out on stayed up ``confirm_seconds`` (so it was read)."""
-        if not h.final or self._closed:
-            return
-        await asyncio.sleep(self.config.confirm_seconds)
-        sent = h.final_sent
-        if sent is None:
-            return
-        link, connects = sent
-        if link is self.link and link.connected.is_set() and link.stats.connects == connects:
-            if self._held.get(h.uid) is h:
-                del self._held[h.uid]
-
-    async def _resend_after_welcome(self, link: CarLink, uids: Iterable[str]) -> None:
-        before = link.stats.connects
-        try:
-            async with asyncio.timeout(link.config.connect_timeout_seconds + link.config.welcome_timeout_seconds):
-                await link.connected.wait()
-        except TimeoutError:
-            return
-        if link is not self.link or link.stats.connects == before:
-            return
-        finals: list[_Held] = []
-        for uid in uids:
-            h = self._held.get(uid)
-            if h is not None and h.last_status is not None:
-                await self._send_status(h, h.last_status)
-                if h.final:
-                    finals.append(h)
-        for h in finals:
-            self._spawn(self._confirm(h))
+            await link.send(protocol.Log(car=self.name, uid=w.uid, offset=offset, lines=[ln[:4096] for ln in lines]))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -776,41 +858,26 @@ class CarAgent:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    # ---- energy across restarts -------------------------------------------------------------------------
 
-def _read_checkpoint(path: Path) -> tuple[bytes, int]:
-    """The checkpoint's bytes (one consistent version: the runner replaces it atomically) and items done."""
-    data = path.read_bytes()
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return data, int(z["__done__"])
+    async def _load_energy(self) -> None:
+        path = self.work_dir / _ENERGY_FILE
+        try:
+            saved = json.loads(await asyncio.to_thread(path.read_text))
+        except (OSError, ValueError):
+            return
+        if isinstance(saved, dict):
+            self.meter.restore(saved)
 
+    async def _save_energy(self) -> None:
+        # Kept so that a restarted agent does not hand the owner's daily cap a fresh day.
+        path, body = self.work_dir / _ENERGY_FILE, json.dumps(self.meter.snapshot())
 
-def _slice_input(path: Path, fmt: str, start: int, end: int, work_dir: Path) -> Path:
-    """The input file for items ``[start, end)``: the artifact itself when it is exactly that range."""
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        if fmt == "npy":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            total = arr.shape[0] if arr.ndim else 0
-            if start == 0 and end == total:
-                return path
-            if end > total:
-                raise _Refused("InputError", f"items {start}..{end} asked of an input of {total} items")
-            out = work_dir / "input.npy"
-            write_arrays(out, {"x": np.ascontiguousarray(arr[start:end])})
-            return out
-        arrays = load_arrays(path)
-        totals = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
-        if len(totals) != 1:
-            raise _Refused("InputError", "the npz input's arrays do not share axis 0")
-        (total,) = totals
-        if start == 0 and end == total:
-            return path
-        if end > total:
-            raise _Refused("InputError", f"items {start}..{end} asked of an input of {total} items")
-        out = work_dir / "input.npz"
-        write_arrays(out, {k: a[start:end] for k, a in arrays.items()})
-        return out
-    except _Refused:
-        raise
-    except (OSError, ValueError) as e:
-        raise _Refused("InputError", f"cannot read the input: {e}") from None
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(body)
+            os.replace(tmp, path)
+
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(write)

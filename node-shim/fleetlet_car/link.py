@@ -2,16 +2,21 @@
 
 Cars sit behind cellular NAT, so the car dials the shim (TLS WebSocket, its own client certificate, the fleet
 CA to check the shim) and keeps dialling: exponential backoff with full jitter, capped. Each connection starts
-with ``hello`` listing the assignments the car still holds, so work resumes after a reconnect or a shim
-restart. Telemetry is sent when it changes beyond a deadband (at once for drive state, plug and charging
-changes) and refreshed slowly otherwise. Pod status reports made while the link is down are kept (the latest
-per assignment, bounded) and replayed after the next hello. Liveness: the car answers the shim's WebSocket
-pings, pings the shim itself only after a long silence, and redials when the shim has been silent too long.
+with ``hello`` (the agent's version, runtimes, execution providers, capacity, and the assignments the car
+still holds, so work resumes after a reconnect or a shim restart). Telemetry is sent when it changes beyond a
+deadband (at once for drive state, plug and charging changes) and refreshed slowly otherwise. Liveness: the car
+answers the shim's WebSocket pings, pings the shim itself only after a long silence, and redials when the shim
+has been silent too long. A ``redirect`` (another shim replica serves this car) closes the link and dials the
+given URL next; after 3 failed dials in a row to a redirected URL the car goes back to its bootstrap URL.
 
-The agent uses ``start``/``close``, ``send``, ``report_telemetry``, ``connected`` and ``messages()`` (or an
-``on_message`` callback) for ``assign``/``stop``/``error``. This module must never block the agent (every
-method the agent calls returns at once or is bounded by a timeout), never import the shim, and never stop
-work itself: the safety reflex does not depend on the link.
+It is a transport, not a store: ``send`` returns False when it cannot send now (no link, or the link's queue is
+full), and whatever must reach the shim is kept and re-sent by the agent (its outbox, re-sent after every
+welcome: ``on_welcome``) until the shim acks it.
+
+The agent uses ``start``/``close``, ``send``, ``report_telemetry``, ``connected``, ``on_welcome`` and
+``messages()`` (or an ``on_message`` callback) for ``assign``/``stop``/``ack``/``policy``/``error``. This module
+must never block the agent (every method the agent calls returns at once or is bounded by a timeout), never
+import the shim, and never stop work itself: the safety reflex does not depend on the link.
 """
 
 from __future__ import annotations
@@ -31,15 +36,18 @@ import aiohttp
 from fleetlet.api.v1alpha1 import Telemetry
 from fleetlet.carlink import protocol
 from fleetlet.carlink.protocol import (
+    Ack,
     Assign,
     Capacity,
     Error,
     HeldAssignment,
     Hello,
+    OwnerPolicy,
     Ping,
     PodStatus,
     Pong,
     ProtocolError,
+    Redirect,
     Stop,
     TelemetryReport,
     Welcome,
@@ -47,8 +55,12 @@ from fleetlet.carlink.protocol import (
 
 log = logging.getLogger(__name__)
 
-Command = Assign | Stop | Error
+Command = Assign | Stop | Ack | OwnerPolicy | Error
 """What the link hands to the agent."""
+
+REDIRECT_ATTEMPTS = 3
+"""Failed dials in a row to a redirected URL before the car goes back to its bootstrap URL."""
+_MAX_PROVIDERS = 16  # protocol.Hello.providers max_length: a longer list would make the hello itself invalid
 
 
 @dataclass(frozen=True)
@@ -64,13 +76,13 @@ class CarLinkConfig:
     backoff_cap_seconds: float = 60.0
     stable_after_seconds: float = 30.0  # a link that lived this long resets the backoff
     send_queue: int = 256
-    max_buffered_status: int = 256
     inbox: int = 1024
     max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
     telemetry_refresh_seconds: float = 300.0
     soc_deadband: float = 0.01
     temperature_deadband_c: float = 1.0
     link_quality_deadband: float = 0.2
+    energy_deadband_kwh: float = 0.05
 
     def __post_init__(self) -> None:
         if self.dead_after_seconds <= self.heartbeat_seconds:
@@ -85,8 +97,9 @@ class CarLinkStats:
     messages_in: int = 0
     bytes_out: int = 0  # WebSocket payload bytes (TLS and framing not included)
     bytes_in: int = 0
-    status_dropped: int = 0  # buffered pod status lost to the buffer bound
+    send_refused: int = 0  # messages ``send`` could not queue (no link, or its queue full)
     errors_received: int = 0
+    redirects: int = 0
     last_close_code: int | None = None
 
 
@@ -112,20 +125,26 @@ class CarLink:
         agent_version: str,
         runtimes: Iterable[str],
         capacity: Capacity,
+        providers: Iterable[str] = (),
         held: Callable[[], Iterable[HeldAssignment]] = tuple,
         on_message: Callable[[Command], Awaitable[None]] | None = None,
+        on_welcome: Callable[[], None] | None = None,
         config: CarLinkConfig | None = None,
         session: aiohttp.ClientSession | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.url = url
+        """``held`` is asked for the hello's assignments before each hello; ``on_welcome`` is called (on the
+        loop, quick, no await) once each connection is welcomed and can carry messages."""
+        self.url = url  # the bootstrap URL: where the car starts, and goes back to when a redirect fails
         self.car = car
         self.ssl_context = ssl_context
         self.agent_version = agent_version
         self.runtimes = list(runtimes)
+        self.providers = list(providers)
         self.capacity = capacity
         self.held = held
         self.on_message = on_message
+        self.on_welcome = on_welcome
         self.config = config or CarLinkConfig()
         self.stats = CarLinkStats()
         self.connected = asyncio.Event()
@@ -137,7 +156,9 @@ class CarLink:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._queue: asyncio.Queue[Any] | None = None  # messages, or None for a WebSocket ping
         self._seq = 0
-        self._buffer: dict[str, PodStatus] = {}  # insertion order = replay order
+        self._redirect: str | None = None  # where a redirect sent the car; None: the bootstrap URL
+        self._redirect_failures = 0  # failed dials in a row to the redirected URL
+        self._redirected = False  # the connection that just ended was closed to follow a redirect
         self._inbox: asyncio.Queue[Command] = asyncio.Queue(self.config.inbox)
         self._telemetry: Telemetry | None = None  # the latest the agent reported
         self._telemetry_sent: Telemetry | None = None
@@ -164,6 +185,11 @@ class CarLink:
             except TimeoutError:
                 self._task.cancel()
 
+    @property
+    def target(self) -> str:
+        """The URL the car dials now: a redirect's, else the bootstrap URL."""
+        return self._redirect or self.url
+
     async def run(self) -> None:
         """Dial, serve, redial until ``close()``."""
         own_session = self._session is None
@@ -171,25 +197,34 @@ class CarLink:
         cfg = self.config
         loop = asyncio.get_running_loop()
         attempt = 0
+        hops = 0  # redirects in a row: replicas that keep bouncing the car get backoff, not a tight loop
         try:
             while not self._closing.is_set():
                 started = loop.time()
                 welcomed = False
+                url = self.target
+                self._redirected = False
                 try:
-                    welcomed = await self._connect_and_serve(session)
+                    welcomed = await self._connect_and_serve(session, url)
                 except (aiohttp.ClientError, OSError, TimeoutError, ProtocolError) as exc:
                     self.stats.failures += 1
-                    log.warning("car %s: link to %s failed: %s", self.car, self.url, _describe(exc))
+                    log.warning("car %s: link to %s failed: %s", self.car, url, _describe(exc))
                 except Exception:  # a bug must not leave the car unreachable for good: log and redial
                     self.stats.failures += 1
-                    log.exception("car %s: link to %s failed unexpectedly", self.car, self.url)
+                    log.exception("car %s: link to %s failed unexpectedly", self.car, url)
                 if self._closing.is_set():
                     break
-                if welcomed and loop.time() - started >= cfg.stable_after_seconds:
-                    attempt = 0
-                delay = self._rng.uniform(0.0, min(cfg.backoff_cap_seconds, cfg.backoff_base_seconds * 2**attempt))
-                attempt = min(attempt + 1, 32)
-                log.info("car %s: redialling in %.2f s", self.car, delay)
+                if self._redirected:
+                    hops += 1  # straight to the replica that serves the car, unless it bounces the car back
+                    delay = 0.0 if hops == 1 else self._backoff(min(hops - 1, 32))
+                else:
+                    hops = 0
+                    self._count_redirect_dial(url, welcomed)
+                    if welcomed and loop.time() - started >= cfg.stable_after_seconds:
+                        attempt = 0
+                    delay = self._backoff(attempt)
+                    attempt = min(attempt + 1, 32)
+                log.info("car %s: redialling %s in %.2f s", self.car, self.target, delay)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._closing.wait()
@@ -197,11 +232,38 @@ class CarLink:
             if own_session:
                 await session.close()
 
+    def _backoff(self, attempt: int) -> float:
+        cfg = self.config
+        return self._rng.uniform(0.0, min(cfg.backoff_cap_seconds, cfg.backoff_base_seconds * 2**attempt))
+
+    def _count_redirect_dial(self, url: str, welcomed: bool) -> None:
+        if self._redirect is None or url != self._redirect:
+            return
+        if welcomed:
+            self._redirect_failures = 0
+            return
+        self._redirect_failures += 1
+        if self._redirect_failures >= REDIRECT_ATTEMPTS:
+            log.warning("car %s: %d dials in a row to the redirected %s failed; back to the bootstrap %s",
+                        self.car, self._redirect_failures, url, self.url)  # fmt: skip
+            self._redirect, self._redirect_failures = None, 0
+
+    def _follow(self, msg: Redirect) -> bool:
+        """Adopt a redirect (True), or refuse one that would drop TLS (False)."""
+        if msg.url.startswith("ws://") and not self.url.startswith("ws://"):
+            log.warning("car %s: refused a redirect to %s: the link must stay on TLS (wss://)", self.car, msg.url)
+            return False
+        self.stats.redirects += 1
+        self._redirect, self._redirect_failures, self._redirected = msg.url, 0, True
+        log.info("car %s: redirected to shim replica %d at %s", self.car, msg.replica, msg.url)
+        return True
+
     # ---- what the agent calls -------------------------------------------------------------------------
 
     async def send(self, msg: PodStatus | TelemetryReport | protocol.Log | Pong) -> bool:
-        """Send a message (its ``seq`` is stamped here). True if queued on the live link, or — for pod
-        status — kept for replay after the next hello. Telemetry sent this way skips the deadband."""
+        """Queue a message on the live link (its ``seq`` is stamped when written). False when it cannot be
+        sent now (no welcomed link, or its queue is full): nothing is kept here, the caller keeps what matters.
+        Telemetry sent this way skips the deadband."""
         if msg.car != self.car:
             raise ValueError(f"message names car {msg.car!r}, this link is {self.car!r}")
         if isinstance(msg, TelemetryReport):
@@ -209,9 +271,7 @@ class CarLink:
             return self._send_telemetry()
         if self._put(msg):
             return True
-        if isinstance(msg, PodStatus):
-            self._keep(msg)
-            return True
+        self.stats.send_refused += 1
         return False
 
     def report_telemetry(self, telemetry: Telemetry) -> bool:
@@ -223,17 +283,18 @@ class CarLink:
         return self._send_telemetry()
 
     async def messages(self) -> AsyncIterator[Command]:
-        """Assignments, stops and errors from the shim, in order (when no ``on_message`` callback is set)."""
+        """Assignments, stops, acks, owner policies and errors from the shim, in order (when no ``on_message``
+        callback is set)."""
         while True:
             yield await self._inbox.get()
 
     # ---- one connection -------------------------------------------------------------------------------
 
-    async def _connect_and_serve(self, session: aiohttp.ClientSession) -> bool:
+    async def _connect_and_serve(self, session: aiohttp.ClientSession, url: str) -> bool:
         cfg = self.config
         async with asyncio.timeout(cfg.connect_timeout_seconds):
             ws = await session.ws_connect(
-                self.url,
+                url,
                 ssl=self.ssl_context,
                 autoping=False,  # we answer pings ourselves: every frame counts as a sign of life
                 compress=0,
@@ -248,6 +309,7 @@ class CarLink:
                 car=self.car,
                 agent_version=self.agent_version,
                 runtimes=self.runtimes,
+                providers=self.providers[:_MAX_PROVIDERS],
                 capacity=self.capacity,
                 assignments=list(self.held()),
             ))
@@ -256,17 +318,17 @@ class CarLink:
                 return False
             self.welcome = welcome
             self.stats.connects += 1
-            log.info("car %s: link up (shim heartbeat %.0f s)", self.car, welcome.heartbeat_seconds)
-            # Replay before anything new: buffered status first, then the current telemetry.
+            log.info("car %s: link up to %s (shim heartbeat %.0f s)", self.car, url, welcome.heartbeat_seconds)
             self._queue = queue
-            buffered, self._buffer = self._buffer, {}
-            for status in buffered.values():
-                if not self._put(status):
-                    self._keep(status)
-            if self._telemetry is not None:
-                self._send_telemetry()
             writer = asyncio.create_task(self._write_loop(ws, queue), name=f"carlink-writer-{self.car}")
             self.connected.set()
+            if self.on_welcome is not None:  # the agent re-sends its outbox first: what the shim must hear
+                try:
+                    self.on_welcome()
+                except Exception:
+                    log.exception("car %s: on_welcome failed", self.car)
+            if self._telemetry is not None:
+                self._send_telemetry()
             await self._read_loop(ws)
             return True
         finally:
@@ -275,10 +337,6 @@ class CarLink:
             self._ws = None
             if writer is not None:
                 writer.cancel()
-            while not queue.empty():  # unsent status goes back to the buffer for the next link
-                item = queue.get_nowait()
-                if isinstance(item, PodStatus):
-                    self._keep(item)
             if not ws.closed:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(cfg.close_timeout_seconds):
@@ -300,6 +358,10 @@ class CarLink:
                     return None
                 self.stats.bytes_in += len(frame.data)
                 msg = protocol.decode(frame.data, self.config.max_message_bytes, sender="shim")
+                if isinstance(msg, Redirect):
+                    if self._follow(msg):
+                        return None
+                    continue
                 if isinstance(msg, Welcome):
                     if msg.car != self.car:
                         log.error("car %s: the shim knows this certificate as %r", self.car, msg.car)
@@ -351,6 +413,8 @@ class CarLink:
                 pass
             else:  # CLOSE, CLOSING, CLOSED, ERROR, BINARY (the shim never sends binary)
                 return
+            if self._redirected:
+                return
 
     async def _on_text(self, data: str) -> None:
         try:
@@ -363,6 +427,9 @@ class CarLink:
             self._put(Pong(car=self.car, echo=msg.seq))
             return
         if isinstance(msg, Welcome):
+            return
+        if isinstance(msg, Redirect):
+            self._follow(msg)  # the read loop ends the connection; the run loop dials the new URL
             return
         if isinstance(msg, Error):
             self.stats.errors_received += 1
@@ -384,15 +451,6 @@ class CarLink:
         queue.put_nowait(msg)
         return True
 
-    def _keep(self, status: PodStatus) -> None:
-        self._buffer.pop(status.uid, None)
-        self._buffer[status.uid] = status
-        while len(self._buffer) > self.config.max_buffered_status:
-            dropped = next(iter(self._buffer))
-            del self._buffer[dropped]
-            self.stats.status_dropped += 1
-            log.warning("car %s: status buffer full, oldest report (%s) dropped", self.car, dropped)
-
     def _send_telemetry(self) -> bool:
         assert self._telemetry is not None
         if not self._put(TelemetryReport(car=self.car, telemetry=self._telemetry)):
@@ -411,6 +469,8 @@ class CarLink:
             or abs(a.battery_temperature_c - b.battery_temperature_c) >= cfg.temperature_deadband_c
             or abs(a.compute_temperature_c - b.compute_temperature_c) >= cfg.temperature_deadband_c
             or abs(a.link_quality - b.link_quality) >= cfg.link_quality_deadband
+            or a.energy_day != b.energy_day
+            or abs(a.energy_today_kwh - b.energy_today_kwh) >= cfg.energy_deadband_kwh
         )
 
     async def _write(self, ws: aiohttp.ClientWebSocketResponse, msg: Any) -> None:
@@ -432,8 +492,6 @@ class CarLink:
                 await self._write(ws, msg)
         except (TimeoutError, ConnectionError, RuntimeError) as exc:
             log.warning("car %s: write failed (%s), closing the link", self.car, _describe(exc))
-            if isinstance(msg, PodStatus):
-                self._keep(msg)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.config.close_timeout_seconds):
                     await ws.close()

@@ -165,6 +165,7 @@ class SafetyReflex:
     ) -> None:
         self._soc_hysteresis = soc_hysteresis
         self._temperature_hysteresis_c = temperature_hysteresis_c
+        self.policy = policy  # the owner's rules the limits come from (the agent starts from them too)
         self.limits = ReflexLimits.from_policy(
             policy, soc_hysteresis=soc_hysteresis, temperature_hysteresis_c=temperature_hysteresis_c
         )
@@ -212,6 +213,7 @@ class SafetyReflex:
         )
         with self._lock:
             self.limits = limits
+            self.policy = policy
             state = self._state
         if state is not None:
             self.observe(state)

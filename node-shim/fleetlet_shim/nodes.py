@@ -70,7 +70,7 @@ class NodeController:
                 policy = evaluate_car(self.registry, car, datetime.now(UTC))
                 car.policy = policy
                 status = nodespec.node_status(vn, endpoint, s.max_pods_per_car, True, "CarConnected",
-                                              "the car's link is up and it reports to this shim", datetime.now(UTC))
+                                              "the car's link is up and it reports to this shim", datetime.now(UTC), car.hello.providers)
                 body = nodespec.node_manifest(vn, nodespec.hardware_labels(vn, s.shim_id), status, policy)
                 try:
                     await self.api.create_node(body)
@@ -98,7 +98,7 @@ class NodeController:
                 if last is None:
                     self._enqueue_lease(name, 0.0)  # a Node this process did not create: renew at once
                 status = nodespec.node_status(vn, endpoint, s.max_pods_per_car, True, "CarConnected",
-                                              "the car's link is up and it reports to this shim", datetime.now(UTC))
+                                              "the car's link is up and it reports to this shim", datetime.now(UTC), car.hello.providers)
                 await self.api.apply_node_status(name, status)
                 self._status_at[name] = now
                 if not ready:
@@ -113,7 +113,7 @@ class NodeController:
             status = nodespec.node_status(
                 vn, endpoint, s.max_pods_per_car, False, "CarLinkLost",
                 f"the car's link closed ({car.disconnect_reason or 'closed'}); its work is being rescheduled",
-                datetime.now(UTC))
+                datetime.now(UTC), car.hello.providers)
             await self.api.apply_node_status(name, status)
             self.events.record(name, "Warning", "CarLinkLost",
                                f"the car's link closed ({car.disconnect_reason or 'closed'})")

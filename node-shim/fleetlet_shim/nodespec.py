@@ -11,6 +11,7 @@ the resourceVersion it read so a concurrent writer is never overwritten.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from fleetlet import __version__
 from fleetlet.api.v1alpha1 import VehicleNode
 from fleetlet.api.v1alpha1 import taints as t
+from fleetlet.carlink.protocol import ACCELERATOR_PROVIDERS
 from fleetlet.policy import CarPolicy
 
 KUBELET_VERSION = f"v1.37.2-fleetlet-{__version__}"
@@ -91,11 +93,13 @@ def same_taints(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
     return len(a) == len(b) and keyed(a) == keyed(b)
 
 
-def capacity(vn: VehicleNode, max_pods: int) -> dict[str, str]:
+def capacity(vn: VehicleNode, max_pods: int, providers: Sequence[str] = ACCELERATOR_PROVIDERS) -> dict[str, str]:
+    """The Node's capacity. Accelerators are advertised only when the car's ONNX Runtime offers an accelerator
+    provider (its hello lists ``providers``): a car with a GPU its runtime cannot use has none to offer."""
     hw = vn.spec.hardware
     cap = {"cpu": hw.cpu, "memory": hw.memory, "pods": str(max_pods), "ephemeral-storage": "16Gi"}
     accelerators = sum(a.count for a in hw.accelerators)
-    if accelerators:
+    if accelerators and any(p in ACCELERATOR_PROVIDERS for p in providers):
         cap[t.RESOURCE_ACCELERATOR] = str(accelerators)
     return cap
 
@@ -112,10 +116,11 @@ def ready_condition(ready: bool, reason: str, message: str, now: datetime) -> di
 
 
 def node_status(
-    vn: VehicleNode, endpoint: Endpoint, max_pods: int, ready: bool, reason: str, message: str, now: datetime
+    vn: VehicleNode, endpoint: Endpoint, max_pods: int, ready: bool, reason: str, message: str, now: datetime,
+    providers: Sequence[str] = ACCELERATOR_PROVIDERS,
 ) -> dict[str, Any]:
     name = vn.metadata.name or vn.spec.vehicle_id
-    cap = capacity(vn, max_pods)
+    cap = capacity(vn, max_pods, providers)
     ts = now_rfc3339(now)
     pressure = [
         {"type": kind, "status": "False", "reason": f"No{kind}", "message": "", "lastHeartbeatTime": ts,

@@ -120,8 +120,10 @@ class PodController:
         if pod is None:
             return
         final = msg.phase in FINAL
-        if final and pod.get("status", {}).get("phase") == msg.phase:
-            self._ack(car, msg.uid)  # already written (a re-send after a reconnect): just let the car forget it
+        if final and podstatus.is_terminal(pod):
+            # Already settled in the API (a re-send after a reconnect, or the pod ended otherwise): the pod's
+            # terminal status is not rewritten; the car may forget the assignment.
+            self._ack(car, msg.uid)
             return
         status = podstatus.status_from_report(pod, msg, self.settings.advertise_address)
         checkpoint = msg.checkpoint.sha256 if msg.checkpoint else ""
@@ -237,7 +239,8 @@ class PodController:
             return
         accel = vn.spec.hardware.accelerators
         try:
-            assignment = podstatus.admit(pod, list(car.hello.runtimes), capacity(vn, self.settings.max_pods_per_car),
+            assignment = podstatus.admit(pod, list(car.hello.runtimes), capacity(vn, self.settings.max_pods_per_car,
+                                                                                car.hello.providers),
                                          accel[0].type if accel else None)
         except podstatus.Rejection as rej:
             log.info("car %s: pod %s/%s rejected: %s", car.name, meta["namespace"], meta["name"], rej.message)

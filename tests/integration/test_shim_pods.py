@@ -68,7 +68,7 @@ async def cars(crds_installed: Cluster, shim: ShimHandle, tmp_path_factory: pyte
     apply_objects(crds_installed, bodies)
     specs = [VehicleNodeSpec.model_validate(b["spec"]) for b in bodies]
     config = AgentConfig(batch_size=1, checkpoint_every_seconds=1.0, status_interval_seconds=0.5,
-                         log_interval_seconds=0.5, confirm_seconds=2.0)
+                         log_interval_seconds=0.5)
     harness = SimFleetHarness(len(specs), shim.link_url, shim.fleet_ca.cert_pem,
                               lambda name: shim.fleet_ca.issue(name, organizations=("fleetlet:cars",), client=True),
                               tmp_path_factory.mktemp("fleet"), seed=21, config=config, specs=specs)

@@ -2,8 +2,10 @@
 
 What a user of the link relies on: a car is known only by its certificate; cars without a fleet certificate never
 get in; one car cannot speak for another or about another's work; bad input is refused, counted and survived;
-a misbehaving or revoked car is cut off alone; cars come back by themselves after a shim restart, say what they
-still hold and replay what they reported while away.
+a misbehaving or revoked car is cut off alone; cars come back by themselves after a shim restart and say what
+they still hold and which execution providers they offer; the link is a transport that says when it cannot
+send (the agent's outbox re-sends after every welcome); a redirect takes a car to the replica that serves it,
+and back to its bootstrap shim when that replica cannot be reached.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ from typing import Any
 
 import aiohttp
 import pytest
-from fleetlet_car.link import CarLink, CarLinkConfig, car_ssl_context
+from aiohttp import web
+from fleetlet_car.link import REDIRECT_ATTEMPTS, CarLink, CarLinkConfig, car_ssl_context
 from fleetlet_shim.link import CAR_ORGANIZATION, LinkConfig, LinkServer, server_ssl_context
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
 
 from fleetlet.api.v1alpha1 import Telemetry
+from fleetlet.api.v1alpha1.shard import ShardAssignment, ShardInput, ShardModel, ShardResources
+from fleetlet.api.v1alpha1.vehiclenode import Policy
 from fleetlet.carlink import protocol
 from fleetlet.carlink.protocol import (
+    Ack,
     Assign,
     Capacity,
     Checkpoint,
@@ -33,15 +40,14 @@ from fleetlet.carlink.protocol import (
     Grant,
     HeldAssignment,
     Hello,
-    InputRef,
-    ModelRef,
+    OwnerPolicy,
     PodStatus,
     ProtocolError,
+    Redirect,
     Refusal,
-    Resources,
-    Shard,
     Stop,
     TelemetryReport,
+    Welcome,
 )
 from fleetlet.pki import CertificateAuthority
 
@@ -124,9 +130,11 @@ FAST = {"heartbeat_seconds": 5.0, "dead_after_seconds": 10.0, "violation_limit":
 async def start_shim(pki: Pki) -> AsyncIterator[Callable[..., Awaitable[Shim]]]:
     started: list[LinkServer] = []
 
-    async def start(port: int = 0, registry: Any = None, **config: Any) -> Shim:
+    async def start(port: int = 0, registry: Any = None, authorize_report: Any = None, **config: Any) -> Shim:
         handler = Recorder()
-        server = LinkServer(handler, pki.server_ctx(), config=LinkConfig(**(FAST | config)), registry=registry)
+        extra = {"authorize_report": authorize_report} if authorize_report is not None else {}
+        server = LinkServer(handler, pki.server_ctx(), config=LinkConfig(**(FAST | config)), registry=registry,
+                            **extra)  # fmt: skip
         started.append(server)
         return Shim(server, handler, await server.start("127.0.0.1", port))
 
@@ -164,9 +172,9 @@ def status(car: str, uid: str, seq: int, phase: str = "Running", items: int = 0)
 def assign(uid: str) -> Assign:
     return Assign(
         uid=uid, namespace="jobs", name=f"shard-{uid}",
-        shard=Shard(model=ModelRef(digest=DIGEST, runtime="onnx"),
-                    input=InputRef(digest=DIGEST, format="jsonl", start=0, end=100),
-                    resources=Resources(cpu="1", memory="1Gi")),
+        assignment=ShardAssignment(model=ShardModel(sha256=DIGEST, runtime="onnx"),
+                                   input=ShardInput(sha256=DIGEST, format="npy", start=0, end=100),
+                                   resources=ShardResources(cpu="1", memory="1Gi")),
         grant=Grant(token="t0ken", base_url="https://artifacts.example/"),
     )
 
@@ -201,9 +209,10 @@ def telemetry(**kw: Any) -> Telemetry:
     return Telemetry(**(base | kw))
 
 
-def car_link(pki: Pki, shim: Shim, car: str = "car-a", **kw: Any) -> CarLink:
+def car_link(pki: Pki, shim: Shim | str, car: str = "car-a", **kw: Any) -> CarLink:
     config = CarLinkConfig(backoff_base_seconds=0.05, backoff_cap_seconds=0.2, stable_after_seconds=0.5)
-    return CarLink(shim.url, car, pki.car_ctx(car), agent_version="test", runtimes=["onnx"],
+    url = shim if isinstance(shim, str) else shim.url
+    return CarLink(url, car, pki.car_ctx(car), agent_version="test", runtimes=["onnx"],
                    capacity=capacity(), config=config, **kw)
 
 
@@ -242,8 +251,8 @@ async def test_car_is_identified_by_its_certificate_and_says_what_it_holds(start
     registry = CollectorRegistry()
     shim = await start_shim(registry=registry)
     held = [HeldAssignment(uid="pod-1", phase="Running", items_done=40,
-                           checkpoint=Checkpoint(digest=DIGEST, items_done=40))]
-    link = car_link(pki, shim, held=lambda: held)
+                           checkpoint=Checkpoint(sha256=DIGEST, items_done=40))]
+    link = car_link(pki, shim, held=lambda: held, providers=["CPUExecutionProvider"])
     link.start()
     try:
         await asyncio.wait_for(link.connected.wait(), 5)
@@ -252,6 +261,7 @@ async def test_car_is_identified_by_its_certificate_and_says_what_it_holds(start
         [(event, car, got)] = shim.handler.events
         assert (event, car) == ("connected", "car-a")
         assert got.assignments == held and got.runtimes == ["onnx"]
+        assert got.providers == ["CPUExecutionProvider"]
         assert registry.get_sample_value("fleetlet_shim_link_connected_cars") == 1
         assert registry.get_sample_value("fleetlet_shim_link_messages_received_total", {"type": "hello"}) == 1
     finally:
@@ -292,11 +302,12 @@ async def test_a_car_cannot_say_hello_as_another(start_shim: Any, pki: Pki, sess
 async def test_a_forged_message_is_refused_and_the_other_car_is_unaffected(
     start_shim: Any, pki: Pki, session: aiohttp.ClientSession
 ) -> None:
-    shim = await start_shim()
+    pods = {"pod-a": "car-a", "pod-b": "car-b"}  # whose pod is whose, as the shim knows from the API
+    shim = await start_shim(authorize_report=lambda car, uid: pods.get(uid) == car)
     a = await raw_car(session, shim, pki.car_ctx("car-a"), "car-a")
     b = await raw_car(session, shim, pki.car_ctx("car-b"), "car-b")
-    assert await shim.server.send("car-a", assign("pod-a"))
-    assert await shim.server.send("car-b", assign("pod-b"))
+    assert shim.server.send("car-a", assign("pod-a"))
+    assert shim.server.send("car-b", assign("pod-b"))
     assert (await receive_json(a))["uid"] == "pod-a"
     assert (await receive_json(b))["uid"] == "pod-b"
 
@@ -366,9 +377,9 @@ async def test_a_slow_car_fills_only_its_own_queue(start_shim: Any, pki: Pki, se
     shim = await start_shim(send_queue=8)
     a = await raw_car(session, shim, pki.car_ctx("car-a"), "car-a")  # and never reads again
     b = await raw_car(session, shim, pki.car_ctx("car-b"), "car-b")
-    accepted = [await shim.server.send("car-a", Stop(uid=f"pod-{i}")) for i in range(50)]
+    accepted = [shim.server.send("car-a", Stop(uid=f"pod-{i}")) for i in range(50)]
     assert accepted.count(True) <= 8 and not all(accepted)  # bounded, and send never blocked
-    assert await shim.server.send("car-b", Stop(uid="pod-b"))
+    assert shim.server.send("car-b", Stop(uid="pod-b"))
     assert (await receive_json(b))["uid"] == "pod-b"
     assert shim.server.metrics.send_dropped["queueFull"] >= 42
     assert shim.server.connected() == {"car-a", "car-b"} and not a.closed
@@ -414,7 +425,7 @@ async def test_the_newer_of_two_links_for_one_car_wins(start_shim: Any, pki: Pki
     assert await wait_closed(first) == 4000
     assert shim.server.connected() == {"car-a"}
     assert shim.handler.lifecycle("car-a") == [("connected", None), ("disconnected", "replaced"), ("connected", None)]
-    assert await shim.server.send("car-a", Stop(uid="pod-1", grace_seconds=5))
+    assert shim.server.send("car-a", Stop(uid="pod-1", grace_seconds=5))
     stop = await receive_json(second)
     assert (stop["type"], stop["uid"], stop["graceSeconds"]) == ("stop", "pod-1", 5.0)
     await asyncio.sleep(0.1)
@@ -424,31 +435,42 @@ async def test_the_newer_of_two_links_for_one_car_wins(start_shim: Any, pki: Pki
 # ---- the car's client ---------------------------------------------------------------------------------------
 
 
-async def test_car_redials_after_a_shim_restart_resends_hello_and_replays_status(start_shim: Any, pki: Pki) -> None:
+async def test_car_redials_after_a_shim_restart_says_hello_again_and_the_agent_resends_on_welcome(
+    start_shim: Any, pki: Pki
+) -> None:
     shim = await start_shim()
     held = [HeldAssignment(uid="pod-1", phase="Running", items_done=60,
-                           checkpoint=Checkpoint(digest=DIGEST, items_done=50))]
-    link = car_link(pki, shim, held=lambda: held)
+                           checkpoint=Checkpoint(sha256=DIGEST, items_done=50))]
+    latest = {"status": PodStatus(car="car-a", uid="pod-1", phase="Running", items_done=60,
+                                  container=ContainerState(state="running"))}
+    welcomes: list[int] = []
+    link: CarLink
+
+    def on_welcome() -> None:  # what the agent does: its outbox goes out again on every new connection
+        welcomes.append(link.stats.connects)
+        asyncio.get_running_loop().create_task(link.send(latest["status"]))
+
+    link = car_link(pki, shim, held=lambda: held, on_welcome=on_welcome)
     link.start()
     try:
         await asyncio.wait_for(link.connected.wait(), 5)
+        await eventually(lambda: shim.handler.messages("car-a", "podStatus"))
         await shim.server.stop()
         await eventually(lambda: not link.connected.is_set())
-        # Reported while the shim is away: kept (latest per assignment) and replayed after the next hello.
-        for phase, items in (("Running", 80), ("Succeeded", 100)):
-            assert await link.send(PodStatus(car="car-a", uid="pod-1", phase=phase, items_done=items,
-                                             container=ContainerState(state="terminated", exit_code=0)))
+        # The link is a transport: while the shim is away it says it cannot send, and keeps nothing.
+        latest["status"] = PodStatus(car="car-a", uid="pod-1", phase="Succeeded", items_done=100,
+                                     container=ContainerState(state="terminated", exit_code=0))
+        assert not await link.send(latest["status"])
         await asyncio.sleep(0.5)  # a few failed dials, backing off
         assert link.stats.failures >= 2
         restarted = await start_shim(port=shim.port)
-        restarted.server.set_assignments("car-a", ["pod-1"])  # the shim knows its pods from the API server
         await asyncio.wait_for(link.connected.wait(), 5)
         [(_, _, again)] = [e for e in restarted.handler.events if e[0] == "connected"]
         assert again.assignments == held
         await eventually(lambda: restarted.handler.messages("car-a", "podStatus"))
         [replayed] = restarted.handler.messages("car-a", "podStatus")
         assert (replayed.phase, replayed.items_done) == ("Succeeded", 100)
-        assert link.stats.connects == 2
+        assert link.stats.connects == 2 and welcomes == [1, 2]
     finally:
         await link.close()
 
@@ -459,17 +481,146 @@ async def test_car_sends_telemetry_past_a_deadband_and_commands_reach_the_agent(
     link.start()
     try:
         await asyncio.wait_for(link.connected.wait(), 5)
-        assert link.report_telemetry(telemetry())
-        assert not link.report_telemetry(telemetry(state_of_charge=0.805, battery_temperature_c=20.5))
-        assert link.report_telemetry(telemetry(drive_state="Driving"))  # safety-relevant: at once
-        await eventually(lambda: len(shim.handler.messages("car-a", "telemetry")) == 2)
-        assert [m.telemetry.drive_state for m in shim.handler.messages("car-a", "telemetry")] == ["Parked", "Driving"]
+        day = "2025-06-02"
+        assert link.report_telemetry(telemetry(energy_day=day))
+        assert not link.report_telemetry(telemetry(state_of_charge=0.805, battery_temperature_c=20.5, energy_day=day))
+        assert not link.report_telemetry(telemetry(energy_today_kwh=0.01, energy_day=day))
+        assert link.report_telemetry(telemetry(energy_today_kwh=0.2, energy_day=day))  # today's energy moved
+        assert link.report_telemetry(telemetry(drive_state="Driving", energy_today_kwh=0.2, energy_day=day))
+        await eventually(lambda: len(shim.handler.messages("car-a", "telemetry")) == 3)
+        assert [m.telemetry.drive_state for m in shim.handler.messages("car-a", "telemetry")] == [
+            "Parked", "Parked", "Driving"]  # fmt: skip
 
-        await shim.server.send("car-a", assign("pod-9"))
-        await shim.server.send("car-a", Stop(uid="pod-9", grace_seconds=0))
+        for msg in (assign("pod-9"), Stop(uid="pod-9", grace_seconds=0), Ack(uid="pod-9"),
+                    OwnerPolicy(policy=Policy(), paused=True, generation=4)):  # fmt: skip
+            assert shim.server.send("car-a", msg)
         incoming = link.messages()
-        got = [await asyncio.wait_for(anext(incoming), 5) for _ in range(2)]
-        assert [(m.type, m.uid) for m in got] == [("assign", "pod-9"), ("stop", "pod-9")]
-        assert got[0].shard.input.end == 100 and got[0].grant.token == "t0ken"
+        got = [await asyncio.wait_for(anext(incoming), 5) for _ in range(4)]
+        assert [m.type for m in got] == ["assign", "stop", "ack", "policy"]
+        first, last = got[0], got[3]
+        assert isinstance(first, Assign) and isinstance(last, OwnerPolicy)
+        assert first.assignment.input.end == 100 and first.grant.token == "t0ken"
+        assert last.paused and last.generation == 4
+    finally:
+        await link.close()
+
+
+# ---- redirects ----------------------------------------------------------------------------------------------
+
+
+class TinyShim:
+    """A minimal stand-in for a shim replica: reads the hello, answers with its script, records every hello."""
+
+    def __init__(self, pki: Pki, script: Callable[[int], list[BaseModel]]) -> None:
+        self.pki = pki
+        self.script = script  # hello number (1, 2, ...) -> what to answer; a welcome keeps the link open
+        self.hellos: list[Hello] = []
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}/v1/link"
+
+    async def start(self) -> TinyShim:
+        app = web.Application()
+        app.add_routes([web.get("/v1/link", self._handle)])
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.pki.server_ctx())
+        await site.start()
+        self.port = int(self.runner.addresses[0][1])
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        frame = await ws.receive()
+        hello = protocol.decode(frame.data, sender="car")
+        self.hellos.append(hello)
+        answer = self.script(len(self.hellos))
+        for msg in answer:
+            await ws.send_str(protocol.encode(msg))
+        if any(isinstance(m, Welcome) for m in answer):
+            async for _ in ws:  # hold the link until the car closes it
+                pass
+        await ws.close()
+        return ws
+
+
+def welcome(car: str = "car-a") -> Welcome:
+    return Welcome(car=car, heartbeat_seconds=5, telemetry_refresh_seconds=300, max_message_bytes=65536)
+
+
+@pytest.fixture
+async def tiny(pki: Pki) -> AsyncIterator[Callable[..., Awaitable[TinyShim]]]:
+    started: list[TinyShim] = []
+
+    async def start(script: Callable[[int], list[BaseModel]]) -> TinyShim:
+        shim = await TinyShim(pki, script).start()
+        started.append(shim)
+        return shim
+
+    yield start
+    for shim in started:
+        await shim.stop()
+
+
+async def test_a_redirect_takes_the_car_to_the_replica_that_serves_it(pki: Pki, tiny: Any) -> None:
+    serving = await tiny(lambda n: [welcome()])
+    # The bootstrap replica redirects before the welcome, as a replica does for a car it does not serve.
+    bootstrap = await tiny(lambda n: [Redirect(url=serving.url, replica=1)])
+    link = car_link(pki, bootstrap.url)
+    link.start()
+    try:
+        await asyncio.wait_for(link.connected.wait(), 5)
+        assert len(bootstrap.hellos) == 1 and len(serving.hellos) == 1
+        assert link.target == serving.url and link.stats.redirects == 1
+    finally:
+        await link.close()
+
+
+async def test_a_redirect_after_the_welcome_moves_the_car_too(pki: Pki, tiny: Any) -> None:
+    serving = await tiny(lambda n: [welcome()])
+    bootstrap = await tiny(lambda n: [welcome(), Redirect(url=serving.url, replica=2)])  # e.g. rebalancing
+    link = car_link(pki, bootstrap.url)
+    link.start()
+    try:
+        await eventually(lambda: len(serving.hellos) == 1)
+        await asyncio.wait_for(link.connected.wait(), 5)
+        assert link.target == serving.url and len(bootstrap.hellos) == 1
+    finally:
+        await link.close()
+
+
+async def test_after_three_failed_dials_to_a_redirected_replica_the_car_goes_back_to_its_bootstrap(
+    pki: Pki, tiny: Any
+) -> None:
+    gone = await tiny(lambda n: [])
+    gone_url = gone.url
+    await gone.stop()  # the replica it is sent to is not there any more
+    bootstrap = await tiny(lambda n: [Redirect(url=gone_url, replica=3)] if n == 1 else [welcome()])
+    link = car_link(pki, bootstrap.url)
+    link.start()
+    try:
+        await asyncio.wait_for(link.connected.wait(), 10)
+        assert len(bootstrap.hellos) == 2, "back at the bootstrap URL after the redirect failed"
+        assert link.target == bootstrap.url
+        assert link.stats.failures == REDIRECT_ATTEMPTS
+    finally:
+        await link.close()
+
+
+async def test_a_redirect_that_would_drop_tls_is_refused(pki: Pki, tiny: Any) -> None:
+    bootstrap = await tiny(lambda n: [Redirect(url="ws://127.0.0.1:1/v1/link", replica=1), welcome()])
+    link = car_link(pki, bootstrap.url)
+    link.start()
+    try:
+        await asyncio.wait_for(link.connected.wait(), 5)
+        assert link.target == bootstrap.url and link.stats.redirects == 0
     finally:
         await link.close()

@@ -7,7 +7,8 @@ import threading
 import pytest
 from fleetlet_car.reflex import Refusal, SafetyReflex, StopTrigger
 from fleetlet_car.sim import SimulatedCar
-from fleetlet_car.vehicle import SimulatedVehicle, VehicleInterface
+from fleetlet_car.sim.vehicle import SimulatedVehicle
+from fleetlet_car.vehicle import VehicleInterface
 
 from fleetlet.api.v1alpha1.vehiclenode import Policy
 

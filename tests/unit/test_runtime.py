@@ -1,4 +1,10 @@
-"""The car's sandboxed runtime: real child processes, real ONNX Runtime, tiny models built with onnx.helper."""
+"""The car's sandboxed runtime: real child processes, real ONNX Runtime, tiny models built with onnx.helper.
+
+What a user relies on: exact, byte-deterministic results with no network for the model; the pod's memory is
+the most the runner may hold (over it: OOMKilled with the numbers) and its cpu is the runner's thread count and
+CPU pin; an accelerator pod runs on an accelerator provider or fails with AcceleratorUnavailable, and the result
+says which provider ran it; stops, kills, deadlines and resumes behave as the agent and the reflex expect.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ from fleetlet_car.runtime import (
     runner,
     sha256_file,
 )
+from fleetlet_car.runtime.providers import ProviderProbe, choose_provider
+from fleetlet_car.runtime.resources import CpuAllocator, address_space_backstop, cpu_threads, memory_bytes
 from fleetlet_car.runtime.results import load_arrays, write_arrays
 from fleetlet_car.runtime.sandbox import _Preexec
 from onnx import TensorProto, helper
@@ -62,14 +70,14 @@ def classifier_model(path: Path, *, two_outputs: bool = True) -> Path:
     return path
 
 
-def memory_hog_model(path: Path) -> Path:
-    """x[N,1] expanded to [N, 50M] floats: 1.6 GB for 8 items."""
-    shape = onnx.numpy_helper.from_array(np.array([8, 50_000_000], dtype=np.int64), "shape")
+def memory_hog_model(path: Path, floats_per_item: int = 50_000_000) -> Path:
+    """x[N,1] expanded to [N, floats_per_item] floats: 1.6 GB for 8 items by default."""
+    shape = onnx.numpy_helper.from_array(np.array([8, floats_per_item], dtype=np.int64), "shape")
     graph = helper.make_graph(
         [helper.make_node("Expand", ["x", "shape"], ["y"])],
         "hog",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 50_000_000])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", floats_per_item])],
         initializer=[shape],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -124,6 +132,7 @@ async def test_run_produces_exact_results_with_a_verified_digest_and_no_network(
     res = await run.wait()
     assert res.reason is Reason.COMPLETED, res.message
     assert res.network_isolation == "netns"
+    assert res.provider == "CPUExecutionProvider"  # the provider its session really ran on
     assert res.items_done == res.items_total == 1000
     assert res.result_path is not None and res.result_path.name == "result.npz"
     assert res.result_sha256 == sha256_file(res.result_path)
@@ -295,6 +304,21 @@ async def test_wall_clock_limit_gives_deadline_exceeded(tmp_path, long_shard):
     assert "wall-clock" in res.message
 
 
+async def test_memory_over_the_pods_limit_is_killed_by_the_watchdog_with_the_numbers(tmp_path):
+    # 400 MB per batch, a 256 MiB pod: well under the address-space backstop, so only the RSS watchdog can catch it.
+    model = memory_hog_model(tmp_path / "hog.onnx", floats_per_item=12_500_000)
+    shard_path = tmp_path / "x.npy"
+    np.save(shard_path, np.ones((64, 1), dtype=np.float32))
+    limit = 256 << 20
+    assert address_space_backstop(limit, 1) > 400_000_000 + limit
+    _, res = await run_to_end(spec(tmp_path, model, shard_path, batch_size=8,
+                                   limits=Limits(memory_bytes=limit, wall_seconds=60)))  # fmt: skip
+    assert res.reason is Reason.OOM_KILLED, res.message
+    assert "256 MiB" in res.message and "resident set" in res.message
+    assert res.peak_rss_bytes is not None and res.peak_rss_bytes > limit
+    assert res.signal == 9 and res.result_path is None
+
+
 async def test_memory_limit_gives_oomkilled(tmp_path):
     model = memory_hog_model(tmp_path / "hog.onnx")
     shard_path = tmp_path / "x.npy"
@@ -307,6 +331,76 @@ async def test_memory_limit_gives_oomkilled(tmp_path):
     assert res.reason is Reason.OOM_KILLED, res.message
     assert "memory" in res.message
     assert res.result_path is None
+
+
+@pytest.mark.parametrize(("cpu", "threads"), [("500m", 1), ("1", 1), ("1500m", 2)])
+async def test_the_pods_cpu_is_the_runners_threads_and_cpu_pin(tmp_path, long_shard, cpu, threads):
+    assert cpu_threads(cpu) == threads  # a fraction rounds up to a whole core
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = CpuAllocator(tuple(allowed)).take(threads)
+    model = classifier_model(tmp_path / "m.onnx", two_outputs=False)
+    run = SandboxedRun(spec(tmp_path, model, long_shard, batch_size=1, threads=threads, cpus=cpus))
+    await run.start()
+    try:
+        async for _ in run.events():
+            status = await asyncio.to_thread(Path(f"/proc/{run.pid}/status").read_text)
+            break
+    finally:
+        await run.stop(immediate=True)
+    pinned = next(line.split(":")[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+    assert _cpu_list(pinned) == set(cpus) and len(cpus) == min(threads, len(allowed))
+    res = await run.wait()
+    assert res.threads == threads and res.cpus == cpus
+
+
+def _cpu_list(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def test_pod_resources_become_limits() -> None:
+    assert memory_bytes("512Mi") == 512 << 20 and memory_bytes("1G") == 10**9 and memory_bytes("1.5Gi") == 3 << 29
+    assert [cpu_threads(q) for q in ("100m", "1", "2", "2001m", "4")] == [1, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+        memory_bytes("lots")
+    with pytest.raises(ValueError, match="above zero"):
+        cpu_threads("0")
+    allocator = CpuAllocator((0, 1, 2, 3))
+    first, second = allocator.take(2), allocator.take(2)
+    assert set(first).isdisjoint(second)  # two shards do not share a core while others idle
+    allocator.give_back(first)
+    assert allocator.take(1)[0] in first
+    assert allocator.take(9) == (0, 1, 2, 3)  # never more CPUs than the car has
+
+
+async def test_an_accelerator_pod_on_a_car_without_an_accelerator_provider_fails_instead_of_using_the_cpu(
+    tmp_path, shard
+):
+    model = classifier_model(tmp_path / "m.onnx")
+    _, res = await run_to_end(spec(tmp_path, model, shard[0], accelerator=1, accelerator_type="hw4"))
+    assert res.reason is Reason.ACCELERATOR_UNAVAILABLE, res.message
+    assert "type hw4" in res.message and "CPUExecutionProvider" in res.message
+    assert res.provider is None and res.result_path is None
+
+
+def test_providers_are_chosen_accelerator_first_and_never_the_cpu_for_an_accelerator_pod() -> None:
+    both = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert choose_provider(both, 1) == "TensorrtExecutionProvider"
+    assert choose_provider(both[1:], 2) == "CUDAExecutionProvider"
+    assert choose_provider(("CPUExecutionProvider",), 1) is None
+    assert choose_provider(both, 0) == "CPUExecutionProvider"
+
+
+async def test_the_provider_probe_asks_a_child_once_and_remembers() -> None:
+    probe = ProviderProbe()
+    first, second = await asyncio.gather(probe.providers(), probe.providers())
+    assert first == second and "CPUExecutionProvider" in first
+    assert probe.known == first
+    broken = ProviderProbe(python="/bin/false")  # an onnxruntime that cannot even be imported
+    assert await broken.providers() == () and broken.known == ()  # offers nothing, and the agent goes on
 
 
 async def test_malformed_model_gives_model_error(tmp_path, shard):

@@ -90,6 +90,11 @@ class Verification(ApiModel):
     spot_check_rate: Fraction = Field(
         default=0.0, description="Share of single-replica shards re-run on a second car to audit it."
     )
+    tolerance: float = Field(
+        default=1e-4, ge=0.0, le=1.0,
+        description="Float outputs of two cars agree item by item within this relative and absolute tolerance "
+        "(cars with different chips do not produce identical bytes); integer outputs must match exactly.",
+    )
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> Verification:

@@ -89,7 +89,7 @@ async def fetch_artifact(
         try:
             async with client.get(
                 url, timeout=http_timeout or aiohttp.ClientTimeout(total=600, sock_read=60),
-                **({"ssl": ssl} if ssl is not None else {}),
+                ssl=ssl if ssl is not None else True,  # True: the session's own TLS settings
             ) as resp:
                 if resp.status != 200:
                     detail = (await resp.text())[:300]

@@ -15,6 +15,7 @@ EXIT_INPUT_ERROR = 11
 EXIT_DIGEST_MISMATCH = 12
 EXIT_SANDBOX = 13
 EXIT_OOM = 14
+EXIT_ACCELERATOR = 15  # an accelerator was requested and no accelerator execution provider ran it
 
 CHECKPOINT_NAME = "checkpoint.npz"
 RUNNER_MODULE = "fleetlet_car.runtime.runner"

@@ -1,12 +1,15 @@
 """The sandboxed child that runs one shard: `python -m fleetlet_car.runtime.runner …` (started by sandbox.py).
 
-What it is for: load an ONNX model with ONNX Runtime on the given number of threads, read the shard (`npy`: one
+What it is for: load an ONNX model with ONNX Runtime on the given number of threads and the execution provider
+the pod's accelerator asks for (TensorRT or CUDA for an accelerator pod, failing with AcceleratorUnavailable
+where none is offered or the session did not get it: never silently on the CPU), read the shard (`npy`: one
 array fed to the model's single input; `npz`: named arrays sharing axis 0 fed to the inputs of the same names),
 run it in batches, checkpoint every N items or T seconds (atomically: items done + outputs so far), resume from a
 checkpoint left in its work dir, and write the result (`result.npy` for one output, `result.npz` for several)
 deterministically. It talks to its parent only through JSON lines on stdout:
 
     {"event": "sandbox", "network": "netns", ...}          first, what isolation is in force
+    {"event": "session", "provider": "CPUExecutionProvider"} the provider the session really runs on
     {"event": "progress", "done": 512, "total": 4096}       at most every ~0.5 s
     {"event": "checkpoint", "done": 1024, "path": "..."}
     {"event": "result", "path": "...", "sha256": "...", "done": 4096, "loop_seconds": 1.2}
@@ -38,6 +41,7 @@ import numpy as np
 
 from .protocol import (
     CHECKPOINT_NAME,
+    EXIT_ACCELERATOR,
     EXIT_DIGEST_MISMATCH,
     EXIT_INPUT_ERROR,
     EXIT_INTERNAL,
@@ -48,6 +52,7 @@ from .protocol import (
     EXIT_STOPPED,
     OOM_MARKERS,
 )
+from .providers import CPU, accelerator_missing_message, choose_provider, session_providers
 from .results import sha256_file, write_arrays
 
 _DONE_KEY = "__done__"
@@ -125,7 +130,10 @@ def _verify_digest(path: Path, expected: str | None, what: str) -> None:
         )
 
 
-def load_session(model_path: Path, threads: int, use_accelerator: bool) -> Any:
+def load_session(
+    model_path: Path, threads: int, accelerator: int = 0, accelerator_type: str | None = None
+) -> tuple[Any, str]:
+    """The session and the execution provider it really runs on (its first, as ONNX Runtime reports)."""
     import onnxruntime as ort  # imported here so that importing this module stays cheap
 
     so = ort.SessionOptions()
@@ -133,18 +141,39 @@ def load_session(model_path: Path, threads: int, use_accelerator: bool) -> Any:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    if use_accelerator and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+    available = tuple(ort.get_available_providers())
+    chosen = choose_provider(available, accelerator)
+    if chosen is None:
+        raise RunnerError(
+            EXIT_ACCELERATOR, "AcceleratorUnavailable",
+            accelerator_missing_message(accelerator, accelerator_type, available),
+        )  # fmt: skip
     try:
         model_bytes = model_path.read_bytes()
-        return ort.InferenceSession(model_bytes, so, providers=providers)
+        session = ort.InferenceSession(model_bytes, so, providers=session_providers(chosen))
     except Exception as e:
         if _is_oom(e):
             raise RunnerError(EXIT_OOM, "OOMKilled", f"out of memory loading the model: {e}") from e
+        if chosen != CPU:
+            raise RunnerError(
+                EXIT_ACCELERATOR, "AcceleratorUnavailable",
+                f"{chosen} could not open the model ({str(e)[:400]}); it was not run on the CPU instead",
+            ) from e  # fmt: skip
         raise RunnerError(
             EXIT_MODEL_ERROR, "ModelError", f"ONNX Runtime cannot load the model: {str(e)[:500]}"
         ) from e
+    used = list(session.get_providers())
+    # ONNX Runtime falls back to the CPU quietly when a provider fails to initialise (a missing CUDA library,
+    # no device): what the session reports is what runs, and an accelerator pod must not run on the CPU.
+    provider = used[0] if used else CPU
+    if chosen != CPU and provider != chosen and provider not in session_providers(chosen)[:-1]:
+        raise RunnerError(
+            EXIT_ACCELERATOR, "AcceleratorUnavailable",
+            f"ONNX Runtime offered {chosen} but the session runs on {', '.join(used) or 'nothing'} (the "
+            f"accelerator failed to initialise); the pod requests {accelerator} accelerator(s) and was not "
+            "run on the CPU instead",
+        )  # fmt: skip
+    return session, provider
 
 
 def load_shard(path: Path, fmt: str, session: Any) -> dict[str, np.ndarray]:
@@ -263,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
 
     _verify_digest(model_path, args.model_sha256, "model")
     _verify_digest(input_path, args.input_sha256, "input")
-    session = load_session(model_path, args.threads, args.use_accelerator)
+    session, provider = load_session(model_path, args.threads, args.accelerator, args.accelerator_type)
+    emit("session", provider=provider)
     feeds_all = load_shard(input_path, args.format, session)
     total = next(iter(feeds_all.values())).shape[0]
     if total == 0:
@@ -354,7 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress-interval", type=float, default=0.5)
     p.add_argument("--parent-netns", required=True)
     p.add_argument("--allow-network-fallback", action="store_true")
-    p.add_argument("--use-accelerator", action="store_true")
+    p.add_argument("--accelerator", type=int, default=0, help="accelerators requested: run on TensorRT/CUDA")
+    p.add_argument("--accelerator-type", help="the accelerator type the pod asks for (named in errors)")
     return p.parse_args(argv)
 
 

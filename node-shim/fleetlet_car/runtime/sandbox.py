@@ -3,27 +3,37 @@
 What it is for: `SandboxedRun` starts `python -m fleetlet_car.runtime.runner` with
 
 - an empty environment except PATH, PYTHONPATH (from this interpreter's sys.path) and thread settings;
-- resource limits set in the child before exec: RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_NOFILE, RLIMIT_CORE=0,
-  and RLIMIT_NPROC when not root (the kernel ignores it for root, and it counts every process of the uid);
+- the pod's resources as limits ("the pod's requests become the sandbox's limits", see resources.py): its
+  memory is the most RSS the runner's process group may hold, polled from /proc every ~100 ms by a watchdog
+  here (over it: SIGKILL to the group, reason OOMKilled, with the numbers); its cpu is ONNX Runtime's intra-op
+  thread count and the child's CPU affinity (that many CPUs; a fraction rounds up to a whole core, which a
+  cgroup's cpu.max would enforce exactly on a real car);
+- resource limits set in the child before exec: RLIMIT_AS only as a generous backstop (the memory limit plus
+  the runtime's own measured overhead), RLIMIT_CPU, RLIMIT_NOFILE, RLIMIT_CORE=0, and RLIMIT_NPROC when not
+  root (the kernel ignores it for root, and it counts every process of the uid);
 - a wall-clock limit enforced here; its own session and process group; no inherited fds; a private work dir;
 - no network: before exec the child calls unshare(CLONE_NEWNET), landing in a fresh namespace with only a
   down loopback. If the kernel refuses, the run is refused (reason SandboxUnavailable) unless
   `allow_network_fallback` is set; then a seccomp filter makes socket() fail for every family but AF_UNIX and
   the runner adds a Python audit hook that refuses sockets. The layer actually in force is observed by the
-  runner and reported as `RunResult.network_isolation` ("netns", "seccomp+audit-hook" or "audit-hook").
+  runner and reported as `RunResult.network_isolation` ("netns", "seccomp+audit-hook" or "audit-hook");
+- the execution provider the pod's accelerator asks for (runtime/providers.py): an accelerator pod runs on
+  TensorRT or CUDA or fails with AcceleratorUnavailable, never silently on the CPU; `RunResult.provider` is
+  the provider the runner's session really used.
 
 It reports progress as `Progress` events (an async iterator and/or a callback), stops gracefully (SIGTERM: the
 runner checkpoints and exits) or immediately (`kill_now`: SIGKILL to the whole process group, synchronously, no
 I/O first — the safety reflex calls it when the car starts to drive), and returns a `RunResult` whose `reason`
 is a pod-status reason (Completed, Stopped, Killed, OOMKilled, DeadlineExceeded, CPULimitExceeded,
-DigestMismatch, ModelError, InputError, SandboxUnavailable, Error).
+DigestMismatch, ModelError, InputError, AcceleratorUnavailable, SandboxUnavailable, Error).
 
 What it must never do: give the model a network, pass the agent's environment (credentials) to the child, block
 the event loop on file I/O, or delay an immediate stop behind anything.
 
-Caveats: RLIMIT_AS bounds virtual memory, not RSS; it is skipped when an accelerator is requested (CUDA maps
-huge virtual ranges), where the pod's cgroup is the memory bound. The child runs with the agent's uid; on a car
-the agent should itself run as an unprivileged user with only CAP_SYS_ADMIN for unshare, or in a user namespace.
+Caveats: RSS counts pages shared between the group's processes once per process (conservative). GPU memory is
+not RSS: with an accelerator, RLIMIT_AS is skipped (CUDA maps huge virtual ranges) and the device's own memory
+is bounded by the pod's cgroup and the driver. The child runs with the agent's uid; on a car the agent should
+itself run as an unprivileged user with only CAP_SYS_ADMIN for unshare, or in a user namespace.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import protocol
+from .resources import address_space_backstop
 from .results import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -67,6 +78,7 @@ class Reason(StrEnum):
     DIGEST_MISMATCH = "DigestMismatch"
     MODEL_ERROR = "ModelError"
     INPUT_ERROR = "InputError"
+    ACCELERATOR_UNAVAILABLE = "AcceleratorUnavailable"
     SANDBOX_UNAVAILABLE = "SandboxUnavailable"
     ERROR = "Error"
 
@@ -79,17 +91,30 @@ _EXIT_REASONS = {
     protocol.EXIT_DIGEST_MISMATCH: Reason.DIGEST_MISMATCH,
     protocol.EXIT_SANDBOX: Reason.SANDBOX_UNAVAILABLE,
     protocol.EXIT_OOM: Reason.OOM_KILLED,
+    protocol.EXIT_ACCELERATOR: Reason.ACCELERATOR_UNAVAILABLE,
 }
 
 
 @dataclass(frozen=True)
 class Limits:
-    memory_bytes: int | None = 2 << 30  # RLIMIT_AS; include ~0.5 GiB for Python + ONNX Runtime themselves
+    memory_bytes: int | None = 2 << 30  # RSS of the runner's process group (the pod's memory), watchdog-enforced
     cpu_seconds: int | None = None  # RLIMIT_CPU (SIGXCPU at the limit)
     wall_seconds: float | None = None  # enforced by the parent: SIGTERM (checkpoint), then SIGKILL
     max_open_files: int = 256
     max_processes: int | None = None  # RLIMIT_NPROC; applied only when not root
     grace_seconds: float = 10.0  # SIGTERM -> SIGKILL when stopping gracefully or at the deadline
+    memory_poll_seconds: float = 0.1  # how often the watchdog reads the group's RSS
+    address_space_bytes: int | None = None  # RLIMIT_AS; None: memory_bytes + the runtime's overhead (backstop)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """What the run computes, by identity: the simulated compute derives its result from exactly this."""
+
+    model_sha256: str
+    input_sha256: str
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -102,12 +127,22 @@ class RunSpec:
     input_sha256: str | None = None
     batch_size: int = 256
     threads: int = 1  # ONNX Runtime intra-op threads; replicas must use the same count to match bit-for-bit
+    cpus: tuple[int, ...] | None = None  # CPU affinity; None: the first `threads` CPUs this process may use
     checkpoint_every_items: int = 0  # 0 = only by time
     checkpoint_every_seconds: float = 30.0
     limits: Limits = field(default_factory=Limits)
     allow_network_fallback: bool = False
-    use_accelerator: bool = False
+    accelerator: int = 0  # accelerators the pod requests: > 0 runs on TensorRT/CUDA or fails, never on the CPU
+    accelerator_type: str | None = None  # named in the AcceleratorUnavailable message
     resume_from: Path | None = None  # a checkpoint fetched from elsewhere, copied into work_dir before start
+    shard: ShardRef | None = None  # the shard's identity (the real runner reads the files; a simulation cannot)
+
+    def affinity(self) -> tuple[int, ...]:
+        """The CPUs the child is pinned to."""
+        if self.cpus:
+            return tuple(sorted(self.cpus))
+        allowed = sorted(os.sched_getaffinity(0))
+        return tuple(allowed[: max(1, min(self.threads, len(allowed)))])
 
 
 @dataclass(frozen=True)
@@ -133,6 +168,10 @@ class RunResult:
     duration_seconds: float
     loop_seconds: float | None  # wall time in the inference loop (excludes start-up and loading)
     loop_cpu_seconds: float | None  # CPU time the runner spent in that loop
+    provider: str | None = None  # the execution provider the session really ran on; None if none was opened
+    threads: int = 1
+    cpus: tuple[int, ...] = ()
+    peak_rss_bytes: int | None = None  # the most RSS the watchdog saw in the runner's process group
 
     @property
     def succeeded(self) -> bool:
@@ -203,13 +242,17 @@ class _Preexec:
         lim = spec.limits
         rl: list[tuple[int, int, int]] = [(resource.RLIMIT_CORE, 0, 0)]
         rl.append((resource.RLIMIT_NOFILE, lim.max_open_files, lim.max_open_files))
-        if lim.memory_bytes is not None and not spec.use_accelerator:
-            rl.append((resource.RLIMIT_AS, lim.memory_bytes, lim.memory_bytes))
+        backstop = lim.address_space_bytes
+        if backstop is None and lim.memory_bytes is not None:
+            backstop = address_space_backstop(lim.memory_bytes, spec.threads)
+        if backstop is not None and spec.accelerator <= 0:  # CUDA maps huge virtual ranges: the RSS watchdog rules
+            rl.append((resource.RLIMIT_AS, backstop, backstop))
         if lim.cpu_seconds is not None:
             rl.append((resource.RLIMIT_CPU, lim.cpu_seconds, lim.cpu_seconds + 5))
         if lim.max_processes is not None and os.geteuid() != 0:
             rl.append((resource.RLIMIT_NPROC, lim.max_processes, lim.max_processes))
         self._rlimits = rl
+        self._cpus = set(spec.affinity())
         self._refusal = (
             b"fleetlet sandbox: unshare(CLONE_NEWNET) refused; not running without network isolation "
             b"(give the agent CAP_SYS_ADMIN or set allow_network_fallback)\n"
@@ -218,6 +261,7 @@ class _Preexec:
     def __call__(self) -> None:
         for res, soft, hard in self._rlimits:
             resource.setrlimit(res, (soft, hard))
+        os.sched_setaffinity(0, self._cpus)
         os.umask(0o077)
         if self._unshare(CLONE_NEWNET) == 0:
             return
@@ -262,7 +306,11 @@ class SandboxedRun:
         self._result_event: dict[str, Any] | None = None
         self._error_event: dict[str, Any] | None = None
         self._checkpoint: Path | None = None
+        self._provider: str | None = None
         self._stderr: deque[bytes] = deque(maxlen=64)
+        # The memory watchdog's findings: the peak RSS seen, and (rss, limit) once it killed the group.
+        self._peak_rss: int | None = None
+        self._memory_exceeded: tuple[int, int] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -290,8 +338,10 @@ class SandboxedRun:
             argv += ["--input-sha256", spec.input_sha256]
         if spec.allow_network_fallback:
             argv.append("--allow-network-fallback")
-        if spec.use_accelerator:
-            argv.append("--use-accelerator")
+        if spec.accelerator > 0:
+            argv += ["--accelerator", str(spec.accelerator)]
+            if spec.accelerator_type:
+                argv += ["--accelerator-type", spec.accelerator_type]
         threads = str(spec.threads)
         env = {
             "PATH": os.environ.get("PATH", os.defpath),
@@ -387,6 +437,8 @@ class SandboxedRun:
         proc = self._proc
         assert proc is not None and proc.stdout is not None and proc.stderr is not None
         readers = asyncio.gather(self._read_stdout(proc.stdout), self._read_stderr(proc.stderr))
+        limit = self.spec.limits.memory_bytes
+        watchdog = asyncio.create_task(self._watch_memory(proc, limit)) if limit is not None else None
         try:
             wall = self.spec.limits.wall_seconds
             try:
@@ -399,7 +451,29 @@ class SandboxedRun:
             await readers
             return await self._result(proc.returncode)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             self._events.put_nowait(None)
+
+    async def _watch_memory(self, proc: asyncio.subprocess.Process, limit: int) -> None:
+        """Poll the runner group's RSS; over ``limit``, SIGKILL the group (reason OOMKilled).
+
+        The /proc reads are a few small in-memory files per poll (no disk), so they run on the loop: a thread
+        hop would cost more than the reads.
+        """
+        interval = self.spec.limits.memory_poll_seconds
+        while proc.returncode is None:
+            rss = group_rss_bytes(proc.pid)
+            if rss is not None:
+                self._peak_rss = max(self._peak_rss or 0, rss)
+                if rss > limit and self._memory_exceeded is None:
+                    self._memory_exceeded = (rss, limit)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    logger.info("runner pid %d used %d bytes of memory, over its limit of %d: killed",
+                                proc.pid, rss, limit)
+                    return
+            await asyncio.sleep(interval)
 
     async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:
@@ -411,6 +485,8 @@ class SandboxedRun:
                 continue
             if kind == "sandbox":
                 self._network = msg.get("network")
+            elif kind == "session":
+                self._provider = str(msg.get("provider")) if msg.get("provider") else None
             elif kind in ("progress", "checkpoint", "resumed"):
                 self._done, self._total = int(msg["done"]), int(msg["total"])
                 ckpt = Path(msg["path"]) if kind == "checkpoint" else None
@@ -441,7 +517,14 @@ class SandboxedRun:
         stderr_tail = b"".join(self._stderr).decode("utf-8", "replace")[-_STDERR_TAIL:].strip()
         err = self._error_event or {}
         message = str(err.get("message") or "")
-        if self._deadline_hit:
+        if self._memory_exceeded is not None:
+            rss, limit = self._memory_exceeded
+            reason = Reason.OOM_KILLED
+            message = (
+                f"memory use reached {_mib(rss)} (resident set of the runner's process group), over the pod's "
+                f"limit of {_mib(limit)}: killed. Raise the pod's memory request/limit or use smaller batches"
+            )
+        elif self._deadline_hit:
             reason = Reason.DEADLINE_EXCEEDED
             message = f"wall-clock limit of {self.spec.limits.wall_seconds}s exceeded"
         elif self._stop_kind == "immediate":
@@ -498,4 +581,35 @@ class SandboxedRun:
             duration_seconds=time.monotonic() - self._started_at,
             loop_seconds=loop_seconds,
             loop_cpu_seconds=loop_cpu_seconds,
+            provider=self._provider,
+            threads=self.spec.threads,
+            cpus=self.spec.affinity(),
+            peak_rss_bytes=self._peak_rss,
         )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+def group_rss_bytes(pid: int) -> int | None:
+    """RSS of ``pid`` and every process below it (the sandbox's process group: the runner and anything it
+    spawned), from /proc; None once ``pid`` is gone. Children are found through each thread's
+    ``task/<tid>/children`` (CONFIG_PROC_CHILDREN), which costs a few reads instead of a scan of /proc."""
+    total, seen, todo = 0, set(), [pid]
+    page = os.sysconf("SC_PAGE_SIZE")
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * page
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{p}/task/{tid}/children", "rb") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError, IndexError):
+            if p == pid:
+                return None
+    return total

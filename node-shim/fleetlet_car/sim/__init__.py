@@ -17,6 +17,7 @@ from .fleet import (
 )
 from .physics import Climate
 from .schedule import DaySchedule, DriverHabits, DriverProfile, DrivingSchedule, Legs
+from .vehicle import SimulatedVehicle
 
 __all__ = [
     "DEFAULT_START",
@@ -34,5 +35,6 @@ __all__ = [
     "Legs",
     "SimulatedCar",
     "SimulatedFleet",
+    "SimulatedVehicle",
     "make_vehicle_specs",
 ]

@@ -1,10 +1,13 @@
 """``fleetlet-sim``: a SIMULATED fleet of N cars, each a real ``CarAgent`` with its own certificate, in one process.
 
 What it is for: demos, end-to-end tests and benchmarks of the control plane against many cars without cars.
-Every simulated car runs the same agent code as a real car (link, safety reflex, sandboxed runtime); only the
-vehicle is simulated: a ``SimulatedFleet`` steps the battery, thermal, driving-schedule and link physics of all
-cars together on one clock. One event loop serves every car: an idle car costs a link (two small tasks and a TLS
-socket), a reflex and a row of numpy arrays; a sandbox child process exists only while a shard runs.
+Every simulated car runs the same agent code as a real car (link, safety reflex, owner's rules, energy meter,
+sandboxed runtime); only the vehicle is simulated: a ``SimulatedFleet`` steps the battery, thermal,
+driving-schedule and link physics of all cars together on one clock. One event loop serves every car: an idle
+car costs a link (two small tasks and a TLS socket), a reflex and a row of numpy arrays; a sandbox child process
+exists only while a shard runs. For scale benchmarks where thousands of cars cannot each run a real sandbox,
+``--simulate-compute ITEMS_PER_S`` replaces the sandbox with SIMULATED compute (``sim.compute``): work that takes
+time, checkpoints and yields deterministic results, without running a model.
 
 ``SimFleetHarness`` is the in-process API (tests), ``main`` the console script.
 
@@ -19,12 +22,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,8 +44,11 @@ from fleetlet.pki import CAR_ORGANIZATION, CertificateAuthority, KeyPair
 from ..agent import AgentConfig, CarAgent
 from ..link import car_ssl_context
 from ..reflex import SafetyReflex
-from ..vehicle import SimulatedVehicle
+from ..runtime import Runner
+from ..runtime.resources import CpuAllocator
+from .compute import SimulatedCompute
 from .fleet import SimulatedFleet, make_vehicle_specs
+from .vehicle import SimulatedVehicle
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +70,9 @@ class FleetStats:
     cars: int
     connected: int
     running: int
-    work_kwh: float
+    work_kwh: float  # work energy the simulated physics drew from the cars' batteries (diluted by speedup)
     sim_time_s: float
+    agent_work_kwh: float = 0.0  # work energy the agents metered themselves (real time; what owners are paid for)
 
 
 class SimFleetHarness:
@@ -78,6 +86,10 @@ class SimFleetHarness:
     ``speedup`` multiplies the physics clock (schedules, charging, temperatures), never the sandboxed work: the
     compute load told to the physics is divided by ``speedup`` so metered work energy stays compute power × the
     real time the shard ran (its heat is diluted the same way).
+
+    ``simulate_compute`` (items per second) replaces every car's sandbox with SIMULATED compute; the cars named
+    in ``liars`` then produce wrong results (verification tests). Each agent meters its own work energy with
+    its car's hardware spec (computePowerW, idlePowerW) and starts from its owner's policy.
     """
 
     def __init__(
@@ -95,6 +107,9 @@ class SimFleetHarness:
         speedup: float = 1.0,
         tick_seconds: float = 1.0,
         connect: bool = True,
+        simulate_compute: float | None = None,
+        liars: Collection[str] = (),
+        runner: Runner | None = None,
     ) -> None:
         if speedup <= 0 or tick_seconds <= 0:
             raise ValueError("speedup and tick_seconds must be positive")
@@ -110,6 +125,9 @@ class SimFleetHarness:
         self.fleet = SimulatedFleet(self.specs, seed=seed, schedules=schedules)
         self.agents: dict[str, CarAgent] = {}
         self._connect = connect
+        self.simulate_compute = simulate_compute
+        self.liars = frozenset(liars)
+        self._runner = runner
         self._session: aiohttp.ClientSession | None = None
         self._clock: asyncio.Task[None] | None = None
 
@@ -138,21 +156,33 @@ class SimFleetHarness:
         store_ctx.load_verify_locations(cadata=self.ca_pem.decode())
         # One session for every car's link and artifact requests; no pool limit (each link holds a connection).
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=store_ctx))
+        cpus = CpuAllocator(tuple(sorted(os.sched_getaffinity(0))))  # the cars share this machine's CPUs
+        honest = liar = self._runner
+        if self.simulate_compute is not None:
+            honest = SimulatedCompute(self.simulate_compute)
+            liar = SimulatedCompute(self.simulate_compute, lie=True)
         for i, spec in enumerate(self.specs):
             name = spec.vehicle_id
             ctx = car_ssl_context(ca_file, certs / f"{name}.crt", certs / f"{name}.key")
+            vehicle = SimulatedVehicle(self.fleet.car(i))
+            hw = spec.hardware
             agent = CarAgent(
                 name,
-                SimulatedVehicle(self.fleet.car(i)),
+                vehicle,
                 SafetyReflex(spec.policy),
                 shim_url=self.shim_url,
                 ssl_context=ctx,
                 capacity=capacity_of(spec),
                 work_dir=self.work_dir / "cars" / name,
                 cache_dir=self.work_dir / "cache",  # content-addressed and verified: safe to share
-                config=self.config,
+                config=replace(self.config, compute_power_w=hw.compute_power_w, idle_power_w=hw.idle_power_w),
                 session=self._session,
+                work_meter=vehicle.car.set_work,  # the physics meters the battery side of the work
                 work_scale=1.0 / self.speedup,
+                runner=liar if name in self.liars else honest,
+                policy=spec.policy,
+                paused=spec.paused,
+                cpus=cpus,
             )
             self.agents[name] = agent
             await agent.start(connect=self._connect)
@@ -206,6 +236,7 @@ class SimFleetHarness:
             running=sum(a.running for a in agents),
             work_kwh=float(self.fleet.work_energy_kwh.sum()),
             sim_time_s=self.fleet.now_s,
+            agent_work_kwh=sum(a.meter.total_kwh() for a in agents),
         )
 
 
@@ -244,6 +275,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-seconds", type=float, default=30.0)
     p.add_argument("--allow-network-fallback", action="store_true",
                    help="run sandboxes even where unshare(CLONE_NEWNET) is refused (seccomp + audit hook)")
+    p.add_argument("--simulate-compute", type=float, metavar="ITEMS_PER_S",
+                   help="SIMULATED compute instead of real sandboxes (scale benchmarks): each shard takes "
+                   "items/ITEMS_PER_S seconds, checkpoints, and yields a deterministic result that is NOT an "
+                   "inference result; cars report the provider SimulatedCompute")
+    p.add_argument("--lying-car", action="append", default=[], metavar="NAME",
+                   help="with --simulate-compute: this car's results are wrong (verification tests); repeatable")
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -278,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     harness = SimFleetHarness(
         args.cars, args.shim_url, ca_pem, issue, args.work_dir, args.seed, config=config,
         schedules=not args.no_schedules, speedup=args.speedup, tick_seconds=args.tick,
+        simulate_compute=args.simulate_compute, liars=args.lying_car,
     )  # fmt: skip
     try:
         asyncio.run(_serve(harness, args.status_every, args.duration))
@@ -301,7 +339,8 @@ async def _serve(harness: SimFleetHarness, status_every: float, duration: float)
             s = harness.stats()
             print(
                 f"fleetlet-sim: {s.connected}/{s.cars} cars connected, {s.running} shards running, "
-                f"{s.work_kwh:.3f} kWh of work metered, sim clock +{s.sim_time_s / 3600:.2f} h",
+                f"{s.agent_work_kwh:.3f} kWh of work metered by the cars ({s.work_kwh:.3f} kWh drawn in the "
+                f"physics), sim clock +{s.sim_time_s / 3600:.2f} h",
                 flush=True,
             )
             if duration and time.monotonic() - started >= duration:
