@@ -36,7 +36,7 @@ def _link(shim: ShimHandle, body: dict[str, Any]) -> CarLink:
     hw = body["spec"]["hardware"]
     return CarLink(
         shim.link_url, name, car_ssl_context(shim.fleet_ca_file, crt, key),
-        agent_version="test-car/1", runtimes=["onnx"],
+        agent_version="test-car/1", runtimes=["onnx"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
         capacity=Capacity(cpu=hw["cpu"], memory=hw["memory"], accelerators=hw.get("accelerators", [])),
     )
 
@@ -80,6 +80,8 @@ async def test_fifty_cars_become_ready_nodes(crds_installed: Cluster, shim: Shim
         cap = node["status"]["capacity"]
         assert cap["cpu"] == hw["cpu"] and cap["memory"] == hw["memory"]
         accelerators = sum(a["count"] for a in hw["accelerators"])
+        # Advertised because these cars' runtimes say they offer CUDA (see _link); a car without an
+        # accelerator provider advertises none, whatever its hardware.
         assert cap.get("fleetlet.io/accelerator", "0") == str(accelerators)
         assert node["status"]["allocatable"] == cap
         labels = node["metadata"]["labels"]
@@ -159,6 +161,7 @@ async def test_a_forged_message_about_another_car_is_refused(crds_installed: Clu
         await ws.send_str(protocol.encode(hello))
         welcome = json.loads((await ws.receive(timeout=10)).data)
         assert welcome["type"] == "welcome" and welcome["car"] == a_name
+        assert json.loads((await ws.receive(timeout=10)).data)["type"] == "policy"  # her owner's rules
         await ws.send_str(telemetry(b_name, 2, 0.11))  # alice pretends to be bob
         refusal = json.loads((await ws.receive(timeout=10)).data)
         assert refusal["type"] == "error" and refusal["code"] == "wrongCar"

@@ -75,6 +75,7 @@ async def cars(crds_installed: Cluster, shim: ShimHandle, tmp_path_factory: pyte
     async with harness:
         for i in range(len(specs)):
             harness.fleet.set_state_of_charge(i, 0.9)
+            harness.fleet.set_plugged_in(i, True)  # else the car is tainted unplugged=on-battery
             harness.fleet.set_drive_state(i, "Parked")
         await until("every car's Node is Ready", lambda: _ready_nodes(crds_installed, "podcar-") == 4, 60)
         yield harness
@@ -99,7 +100,7 @@ def shard_pod(name: str, car: str, model: str, shard: str, items: int) -> dict[s
             "terminationGracePeriodSeconds": 5,
             "nodeSelector": {"kubernetes.io/hostname": car},
             "containers": [{"name": "shard", "image": f"fleetlet.io/onnx@sha256:{model}",
-                            "resources": {"requests": {"cpu": "1", "memory": "256Mi"}}}],
+                            "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}],
         },
     }
 
@@ -183,12 +184,16 @@ async def test_a_car_that_starts_driving_stops_its_work_at_once(
     crds_installed: Cluster, cars: SimFleetHarness, shards: dict[str, Any]
 ) -> None:
     car = "podcar-000002"
-    apply_objects(crds_installed, [shard_pod("long-drive", car, shards["model"], shards["long"],
-                                             shards["long_items"])])
+    pod = shard_pod("long-drive", car, shards["model"], shards["long"], shards["long_items"])
+    # Tolerated here only so the test can read the pod's final status: the driving taint's eviction by the real
+    # taint manager is proven in test_car_state.py (shard pods never tolerate it).
+    pod["spec"]["tolerations"] = [{"key": "fleetlet.io/driving", "operator": "Exists", "effect": "NoExecute"}]
+    apply_objects(crds_installed, [pod])
     await until("the shard has checkpointed work", lambda: _phase(crds_installed, "long-drive") == "Running"
                  and "checkpoint=sha256:" in _progress(crds_installed, "long-drive"), 60)
     agent = cars.agents[car]
-    pids = [h.run.pid for h in agent._held.values() if h.run is not None and h.run.pid]
+    uid = _pod(crds_installed, "long-drive")["metadata"]["uid"]  # type: ignore[index]
+    pids = [pid for pid in [agent.run_pid(uid)] if pid]
     assert len(pids) == 1
     cars.set_drive_state(car, "Driving")  # the reflex runs inside this call, before any API server hears of it
     trip = agent.reflex.last_trip

@@ -124,3 +124,24 @@ def test_results_match_counts_nan_as_equal_and_refuses_other_names_shapes_or_dty
     assert not results_match(x, {"y": np.array([1.0, np.nan], dtype=np.float32)})
     path = write_arrays(tmp_path / "r.npz", x)
     assert results_match(path, x)
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(600_000, dtype=np.float32).reshape(-1, 3),  # over 1 MiB: written in several pieces
+        np.arange(10, dtype=">i4"),
+        np.array([1 + 2j, 3 - 4j], dtype=np.complex64),
+        np.array(["2024-01-01", "2025-06-30"], dtype="datetime64[D]"),
+        np.array(["a", "bcd"]),
+        np.array([b"x", b"yz"]),
+        np.zeros((0, 4), dtype=np.float16),
+        np.ones((3, 0), dtype=np.int8),
+    ],
+    ids=["large-float32", "big-endian", "complex", "datetime", "unicode", "bytes", "no-items", "empty-rows"],
+)
+def test_every_plain_dtype_is_written_exactly_as_numpy_writes_it(tmp_path: Path, arr: np.ndarray) -> None:
+    for single, name in [(True, "r.npy"), (False, "r.npz")]:
+        car = car_results.write_arrays(tmp_path / name, {"x": arr})
+        assert arrays_bytes({"x": arr}, single=single) == car.read_bytes(), name
+        np.testing.assert_array_equal(load_arrays(car)["output" if single else "x"], arr)

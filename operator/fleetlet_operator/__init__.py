@@ -1,0 +1,1 @@
+"""fleetlet-operator: FleetJobs become verified results on parked cars (kopf)."""
