@@ -32,22 +32,13 @@ SHIM_NAMESPACE = "fleetlet-system"
 
 
 @dataclass
-class ShimHandle:
-    link_url: str
-    artifact_url: str
-    metrics_url: str
-    fleet_ca: CertificateAuthority
-    fleet_ca_file: Path
-    artifact_dir: Path
-    grant_key: bytes
+class ComponentHandle:
+    """A Fleetlet component running as its own process (a new session), with its metrics/health endpoint."""
+
     process: subprocess.Popen[bytes]
     log_path: Path
-    cert_dir: Path
+    metrics_url: str
     args: list[str]
-
-    def car_cert(self, name: str) -> tuple[Path, Path]:
-        pair = self.fleet_ca.issue(name, organizations=(CAR_ORGANIZATION,), client=True)
-        return pair.write(self.cert_dir, name)
 
     def metrics(self) -> dict[str, float]:
         text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
@@ -60,12 +51,12 @@ class ShimHandle:
 
     def healthy(self, path: str = "/readyz") -> bool:
         try:
-            return urllib.request.urlopen(self.metrics_url.replace("/metrics", path), timeout=5).status == 200
+            return bool(urllib.request.urlopen(self.metrics_url.replace("/metrics", path), timeout=5).status == 200)
         except OSError:
             return False
 
     def stop(self) -> None:
-        """SIGTERM the shim and wait (SIGKILL after 15 s)."""
+        """SIGTERM the process and wait (SIGKILL after 15 s)."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -75,24 +66,40 @@ class ShimHandle:
                 self.process.wait()
 
     def kill(self) -> None:
-        """SIGKILL the shim at once: no shutdown code runs (a crash, an OOM kill, a lost machine)."""
+        """SIGKILL the process at once: no shutdown code runs (a crash, an OOM kill, a lost machine)."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
     def start_again(self) -> None:
-        """Start a new process with the same flags (ports, certificates, store) after stop() or kill()."""
+        """Start a new process with the same flags after stop() or kill()."""
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_ready(self)
 
     def restart(self) -> None:
-        """Stop the shim gracefully and start it again."""
+        """Stop gracefully and start again."""
         self.stop()
         self.start_again()
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@dataclass
+class ShimHandle(ComponentHandle):
+    link_url: str = ""
+    artifact_url: str = ""
+    fleet_ca: CertificateAuthority | None = None
+    fleet_ca_file: Path = Path()
+    artifact_dir: Path = Path()
+    grant_key: bytes = b""
+    cert_dir: Path = Path()
+
+    def car_cert(self, name: str) -> tuple[Path, Path]:
+        assert self.fleet_ca is not None
+        pair = self.fleet_ca.issue(name, organizations=(CAR_ORGANIZATION,), client=True)
+        return pair.write(self.cert_dir, name)
 
 
 @dataclass
@@ -204,17 +211,17 @@ def launch_shim(
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     handle = ShimHandle(
+        process=proc,
+        log_path=log_path,
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+        args=args,
         link_url=f"wss://127.0.0.1:{link_port}/v1/link",
         artifact_url=f"https://127.0.0.1:{link_port}",
-        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         fleet_ca=creds.ca,
         fleet_ca_file=creds.ca_file,
         artifact_dir=store,
         grant_key=creds.grant_key,
-        process=proc,
-        log_path=log_path,
         cert_dir=work / "cars",
-        args=args,
     )
     try:
         _wait_ready(handle)
@@ -224,14 +231,46 @@ def launch_shim(
     return handle
 
 
-def _wait_ready(handle: ShimHandle, timeout_s: float = 90.0) -> None:
+def _wait_ready(handle: ComponentHandle, timeout_s: float = 120.0) -> None:
+    name = Path(handle.args[2]).name if len(handle.args) > 2 else "component"
     deadline = time.monotonic() + timeout_s
     while True:
         if handle.process.poll() is not None:
-            raise RuntimeError(f"fleetlet-shim exited with {handle.process.returncode}:\n{handle.log_tail()}")
+            raise RuntimeError(f"{name} exited with {handle.process.returncode}:\n{handle.log_tail()}")
         if handle.healthy("/readyz"):
             return
         if time.monotonic() > deadline:
             handle.process.kill()
-            raise RuntimeError(f"fleetlet-shim did not become ready:\n{handle.log_tail()}")
+            raise RuntimeError(f"{name} did not become ready:\n{handle.log_tail()}")
         time.sleep(0.2)
+
+
+def launch_operator(cluster: Any, work: Path, *, artifact_dir: Path, local: LocalCluster | None = None,
+                    extra_args: list[str] | None = None, user: str = "fleetlet-operator") -> ComponentHandle:
+    """Start ``fleetlet-operator`` as its own process under its own RBAC identity, sharing the shim's store."""
+    from fleetlet_operator import rbac as operator_rbac
+
+    local = local or getattr(cluster, "local", None)
+    if local is None:
+        raise RuntimeError("the operator runs against the embedded control plane here (unset FLEETLET_TEST_KUBECONFIG)")
+    work.mkdir(parents=True, exist_ok=True)
+    apply_objects(cluster, operator_rbac.manifests(subject_name=user))
+    kubeconfig = local.user_kubeconfig(user)
+    metrics_port = free_port()
+    args = [
+        sys.executable, "-m", "fleetlet_operator",
+        "--kubeconfig", str(kubeconfig),
+        "--artifact-dir", str(artifact_dir),
+        "--metrics-address", f"127.0.0.1:{metrics_port}",
+        *(extra_args or []),
+    ]
+    log_path = work / "operator.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    handle = ComponentHandle(proc, log_path, f"http://127.0.0.1:{metrics_port}/metrics", args)
+    try:
+        _wait_ready(handle)
+    except BaseException:
+        handle.stop()
+        raise
+    return handle

@@ -28,11 +28,11 @@ from prometheus_client import CollectorRegistry
 from fleetlet.artifacts import GrantSigner
 from fleetlet.carlink.protocol import PodStatus
 from fleetlet.kube import Backoff, Change, Controller, KubeClient
+from fleetlet.kube.events import EventRecorder
 
 from . import sharding
 from .cars import CarRegistry
 from .carstate import CarStateController
-from .events import EventRecorder
 from .kube import ShimApi
 from .leases import LeaseController
 from .link.credentials import parse_revocations

@@ -28,11 +28,11 @@ from fleetlet.api.v1alpha1.vehiclenode import ConditionType
 from fleetlet.carlink.protocol import OwnerPolicy
 from fleetlet.kube import Informer, Requeue, Retry
 from fleetlet.kube.client import ApiError
+from fleetlet.kube.events import EventRecorder, node_ref
 from fleetlet.policy import CarPolicy, evaluate
 
 from . import nodespec
 from .cars import Car, CarRegistry
-from .events import EventRecorder
 from .interfaces import CarChannel
 from .kube import ShimApi
 from .metrics import ShimMetrics
@@ -137,7 +137,7 @@ class CarStateController:
             return
         taints = ", ".join(f"{t.key}:{t.effect}" for t in after.taints) or "no car-state taints"
         type_ = "Normal" if new.status == "True" else "Warning"
-        self.events.record(name, type_, new.reason, f"{new.message} (taints: {taints})")
+        self.events.record(node_ref(name), type_, new.reason, f"{new.message} (taints: {taints})")
 
 
 def _conditions(policy: CarPolicy) -> tuple[tuple[str, str, str], ...]:

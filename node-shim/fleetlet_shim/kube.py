@@ -24,6 +24,7 @@ from fleetlet.api.v1alpha1.meta import API_VERSION
 from fleetlet.api.v1alpha1.taints import LABEL_VEHICLE
 from fleetlet.kube import ApiError, Informer, KubeClient, resource_path
 from fleetlet.kube.client import MERGE, STRATEGIC
+from fleetlet.kube.events import write_event
 
 from . import nodespec
 
@@ -233,23 +234,7 @@ class ShimApi:
 
     @uses("", "events", "create", "patch", namespaced=True)
     async def post_event(self, body: dict[str, Any], *, update: bool) -> None:
-        """Create the Event, or (``update``) patch its count and lastTimestamp; a lost Event is not retried
-        forever by the caller, so 404 on update re-creates it."""
-        ns = body["metadata"]["namespace"]
-        events = resource_path("v1", "events", ns)
-        if update:
-            patch = {"count": body["count"], "lastTimestamp": body["lastTimestamp"], "message": body["message"]}
-            try:
-                await self.kube.patch(f"{events}/{body['metadata']['name']}", patch, content_type=MERGE)
-                return
-            except ApiError as exc:
-                if not exc.not_found:
-                    raise
-        try:
-            await self.kube.create(events, body)
-        except ApiError as exc:
-            if not exc.conflict:
-                raise
+        await write_event(self.kube, body, update=update)
 
     # ---- authorization -------------------------------------------------------------------------------------
 

@@ -106,6 +106,17 @@ class ShimMetrics:
         if status == 0 or status == 429 or status >= 500:
             self.api_errors.labels(verb, resource).inc()
 
+    # ---- EventCounters -----------------------------------------------------------------------------------
+
+    def event_recorded(self, reason: str) -> None:
+        self.events.labels(reason).inc()
+
+    def event_throttled(self) -> None:
+        self.events_throttled.inc()
+
+    def event_dropped(self) -> None:
+        self.events_dropped.inc()
+
     # ---- ControllerObserver ----------------------------------------------------------------------------------
 
     def sync_finished(self, controller: str, outcome: str, seconds: float) -> None:

@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 
 from fleetlet.kube import Informer, Requeue, Retry
 from fleetlet.kube.client import ApiError
+from fleetlet.kube.events import EventRecorder, node_ref
 
 from . import nodespec
 from .cars import CarRegistry
 from .carstate import evaluate_car
-from .events import EventRecorder
 from .kube import ShimApi
 from .settings import ShimSettings
 
@@ -81,7 +81,7 @@ class NodeController:
                 self._status_at[name] = now
                 car.lease_exists = False
                 log.info("car %s: registered its Node", name)
-                self.events.record(name, "Normal", "Registered", "the car connected and its Node was registered")
+                self.events.record(node_ref(name), "Normal", "Registered", "the car connected and its Node was registered")
                 # The Node is born with a fresh Ready heartbeat, which the node lifecycle controller honours
                 # until a Lease exists: the first renewal (which creates the Lease) comes at a random point of
                 # the first interval, so a fleet coming online does not double its write burst.
@@ -102,7 +102,7 @@ class NodeController:
                 await self.api.apply_node_status(name, status)
                 self._status_at[name] = now
                 if not ready:
-                    self.events.record(name, "Normal", "CarConnected", "the car's link is up again")
+                    self.events.record(node_ref(name), "Normal", "CarConnected", "the car's link is up again")
             return Requeue(after=max(1.0, s.status_report_interval_s - (now - self._status_at[name])))
         # Disconnected.
         self._status_at.pop(name, None)
@@ -115,6 +115,6 @@ class NodeController:
                 f"the car's link closed ({car.disconnect_reason or 'closed'}); its work is being rescheduled",
                 datetime.now(UTC), car.hello.providers)
             await self.api.apply_node_status(name, status)
-            self.events.record(name, "Warning", "CarLinkLost",
+            self.events.record(node_ref(name), "Warning", "CarLinkLost",
                                f"the car's link closed ({car.disconnect_reason or 'closed'})")
         return None

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from fleetlet.kube.events import CLUSTER_EVENT_NAMESPACE as EVENT_NAMESPACE
+
 from . import kube
-from .events import EVENT_NAMESPACE
 from .nodespec import NODE_LEASE_NAMESPACE
 
 CLUSTER_ROLE_NAME = "fleetlet-shim"

@@ -1,0 +1,145 @@
+"""The VehicleNode side of the operator: the drain finalizer and the cars' trust records.
+
+- Every VehicleNode carries the finalizer ``fleetlet.io/drain``. When a car's VehicleNode is deleted, its shard
+  pods are deleted gracefully (the car stops at a checkpoint, the shard resumes elsewhere at no cost to its job),
+  and only when none is left is the finalizer removed and the car let go.
+- Trust (``status.trust``): verdicts from verification arrive from the job controller and are applied per car, in
+  order, by one worker per car (``trust/<car>`` keys), so two jobs judging one car never lose an update. A valid
+  result extends the car's run of valid results; an invalid one resets it, and the car becomes *untrusted* (the
+  shim then taints it ``fleetlet.io/untrusted``: no more work) when it alone produced the rejected result, or at its
+  second rejected result (a car that resumed from a liar's checkpoint is not condemned on that alone).
+- ``cars()`` is the view verification reads (owner, run of valid results, untrusted), kept from the informer.
+
+Runs as one ``Controller`` over keys ``<car>`` (finalizer, drain) and ``trust/<car>``; no per-object timers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from fleetlet.kube import Change, Controller, Informer, Requeue, Retry
+from fleetlet.kube.client import ApiError
+
+from .kube import OperatorApi
+from .metrics import OperatorMetrics
+from .reconcile.model import CarView, TrustVerdict
+
+log = logging.getLogger(__name__)
+FINALIZER = "fleetlet.io/drain"
+TRUST_PREFIX = "trust/"
+
+
+class VehicleController:
+    def __init__(self, api: OperatorApi, vehiclenodes: Informer, pods: Informer, metrics: OperatorMetrics,
+                 *, workers: int, on_untrusted: Callable[[str], None] | None = None) -> None:
+        self.api = api
+        self.vehiclenodes = vehiclenodes
+        self.pods = pods
+        self.metrics = metrics
+        self._cars: dict[str, CarView] = {}
+        self._verdicts: dict[str, list[TrustVerdict]] = defaultdict(list)
+        self._on_untrusted = on_untrusted
+        pods.add_index("node", lambda p: [p["spec"]["nodeName"]] if p["spec"]["nodeName"] else [])
+        vehiclenodes.add_handler(self._changed)
+        self.controller = Controller("vehiclenodes", self.sync, workers=workers, observer=metrics)
+
+    def cars(self) -> dict[str, CarView]:
+        return self._cars
+
+    def record(self, verdicts: list[TrustVerdict]) -> None:
+        for v in verdicts:
+            self._verdicts[v.car].append(v)
+            self.controller.enqueue(TRUST_PREFIX + v.car)
+            if not v.valid:
+                self.metrics.disagreements.inc()
+
+    def _changed(self, change: Change) -> None:
+        name = change.key
+        if change.type == "DELETED":
+            self._cars.pop(name, None)
+            return
+        obj = change.obj
+        trust = obj["status"].get("trust") or {}
+        self._cars[name] = CarView(owner=obj["spec"]["owner"]["id"], valid_streak=int(trust.get("validStreak", 0)),
+                                   untrusted=bool(trust.get("untrusted", False)))
+        meta = obj["metadata"]
+        if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
+            self.controller.enqueue(name)
+
+    async def sync(self, key: str) -> Requeue | None:
+        if key.startswith(TRUST_PREFIX):
+            await self._apply_trust(key[len(TRUST_PREFIX):])
+            return None
+        vn = self.vehiclenodes.get(key)
+        if vn is None:
+            return None
+        meta = vn["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if meta.get("deletionTimestamp"):
+            if FINALIZER not in finalizers:
+                return None
+            left = 0
+            for pod_key in self.pods.by_index("node", key):
+                pod = self.pods.get(pod_key)
+                if pod is None or pod["status"].get("phase") in ("Succeeded", "Failed"):
+                    continue
+                left += 1
+                if not pod["metadata"].get("deletionTimestamp"):
+                    await self.api.delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])
+                    log.info("car %s is being removed: stopping shard pod %s/%s", key,
+                             pod["metadata"]["namespace"], pod["metadata"]["name"])
+            if left:
+                return Requeue(after=2.0)  # the car checkpoints and stops; look again shortly
+            await self._set_finalizers(key, [f for f in finalizers if f != FINALIZER], meta["resourceVersion"])
+            log.info("car %s drained: its VehicleNode may go", key)
+            return None
+        if FINALIZER not in finalizers:
+            await self._set_finalizers(key, [*finalizers, FINALIZER], meta["resourceVersion"])
+        return None
+
+    async def _set_finalizers(self, name: str, finalizers: list[str], rv: str) -> None:
+        try:
+            await self.api.set_vehiclenode_finalizers(name, finalizers, rv)
+        except ApiError as exc:
+            if exc.not_found:
+                return
+            if exc.conflict:
+                raise Retry("the VehicleNode changed meanwhile", delay=0.5) from exc
+            raise
+
+    async def _apply_trust(self, car: str) -> None:
+        verdicts = self._verdicts.pop(car, [])
+        vn = self.vehiclenodes.get(car)
+        if not verdicts or vn is None:
+            return
+        trust: dict[str, Any] = dict(vn["status"].get("trust") or {})
+        streak, valid, invalid = (int(trust.get(k, 0)) for k in ("validStreak", "validTotal", "invalidTotal"))
+        untrusted = bool(trust.get("untrusted", False))
+        message = str(trust.get("message", ""))
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for v in verdicts:
+            if v.valid:
+                streak, valid = streak + 1, valid + 1
+                continue
+            streak, invalid = 0, invalid + 1
+            trust["lastInvalidAt"] = now
+            if not untrusted and (v.sole or invalid >= 2):
+                untrusted = True
+                message = (f"shard {v.shard}: its result disagreed with other cars' ({invalid} rejected results); "
+                           "it gets no work until an administrator clears status.trust.untrusted")
+                log.warning("car %s lost trust: %s", car, message)
+        trust.update(validStreak=streak, validTotal=valid, invalidTotal=invalid, untrusted=untrusted,
+                     message=message)
+        try:
+            await self.api.patch_trust(car, trust)
+        except ApiError:
+            self._verdicts[car][:0] = verdicts  # keep them, in order, for the retry
+            raise
+        self._cars[car] = CarView(owner=self._cars.get(car, CarView(owner="")).owner, valid_streak=streak,
+                                  untrusted=untrusted)
+        if untrusted and self._on_untrusted is not None:
+            self._on_untrusted(car)
