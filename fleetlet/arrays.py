@@ -114,12 +114,18 @@ def write_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray])
 
 
 def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Load a .npy (as {"output": arr}) or .npz result into memory."""
+    """Load a .npy (as {"output": arr}) or .npz result into memory. Blobs in the content-addressed store have no
+    suffix, so the format is read from the file's first bytes (the npy magic, or a zip's)."""
     p = Path(path)
-    if p.suffix == ".npy":
+    if p.suffix == ".npy" or (p.suffix != ".npz" and _starts_with(p, b"\x93NUMPY")):
         return {NPY_NAME: np.load(p, allow_pickle=False)}
     with np.load(p, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
 
 
 def results_match(

@@ -224,6 +224,7 @@ class CarAgent:
         self._closed = False
         self.last_telemetry: Telemetry | None = None
         self.hellos = 0  # hellos sent (connection attempts that got as far as hello)
+        self.runs_started = 0  # sandboxed runs started (tests count work done twice with it)
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
@@ -656,6 +657,7 @@ class CarAgent:
         if w.tripped:  # the reflex fired while the child was being created (kill_now had no process yet)
             run.kill_now()
         self.assignments.started(uid, provider)
+        self.runs_started += 1
         if not w.tripped:
             self.meter.start(uid)
             self._set_work_meter()
