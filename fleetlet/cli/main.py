@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=42, help="seed of the simulated fleet")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
+    from fleetlet.cli.jobs import add_commands
+
+    add_commands(sub, state_dir() / "shim" / "artifacts")
     return parser
 
 

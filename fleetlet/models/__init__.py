@@ -87,13 +87,14 @@ def _place(source: Path, target: Path) -> None:
 
 
 def prepare_example(
-    name: ExampleName, out_dir: Path, *, items: int | None = None, cache_dir: Path | None = None
+    name: ExampleName, out_dir: Path, *, items: int | None = None, cache_dir: Path | None = None, repeat: int = 1
 ) -> PreparedExample:
     """Build example ``name`` and place ``model.onnx`` and its input in ``out_dir``, ready to submit.
 
-    digits: the 1,797 images as ``npy`` (``items`` may take the first N). minilm: ``items`` example sentences
-    (default 1,024), tokenized to 128 tokens, as ``npz``. Models are built once into ``cache_dir`` (default
-    ``$FLEETLET_CACHE/models`` or ``~/.cache/fleetlet/models``).
+    digits: the 1,797 images as ``npy`` (``items`` may take the first N; ``repeat`` tiles them that many times,
+    for a job whose shards last long enough to watch). minilm: ``items`` example sentences (default 1,024),
+    tokenized to 128 tokens, as ``npz``. Models are built once into ``cache_dir`` (default
+    ``$FLEETLET_CACHE/models`` or ``~/.cache/fleetlet/models``). Same versions, same bytes: the digests are stable.
     """
     out_dir = Path(out_dir)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -108,7 +109,11 @@ def prepare_example(
         digits = build_digits(cache)
         _place(digits.model_path, out_dir / "model.onnx")
         input_path = out_dir / "inputs.npy"
-        if items is None or items >= digits.items:
+        if repeat > 1:
+            base = np.load(digits.inputs_path)[:items]
+            input_sha = write_atomic(input_path, npy_bytes(np.tile(base, (repeat, 1))))
+            count = len(base) * repeat
+        elif items is None or items >= digits.items:
             _place(digits.inputs_path, input_path)
             input_sha, count = digits.inputs_sha256, digits.items
         else:

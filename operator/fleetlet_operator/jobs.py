@@ -180,13 +180,13 @@ class JobController:
         inputs = JobInputs(job=job, total_shards=state.total_shards, pods=views, ledger=state.ledger.entries,
                            cars=self.vehicles.cars(), classes={s: c for s, (_, c) in state.classes.items()},
                            started_at=started_at, now=now, settings=self.settings.plan)
-        decided = plan(inputs)
+        decided = await self._plan(inputs)
         if decided.compare:
             await self._classify(job, state, views, decided.compare)
             inputs = JobInputs(job=job, total_shards=state.total_shards, pods=views, ledger=state.ledger.entries,
                                cars=self.vehicles.cars(), classes={s: c for s, (_, c) in state.classes.items()},
                                started_at=started_at, now=now, settings=self.settings.plan)
-            decided = plan(inputs)
+            decided = await self._plan(inputs)
         decided.trust += invalid
         await self._carry_out(job, state, views, decided, now)
         result = await self._merge(job, state) if decided.complete else None
@@ -198,6 +198,13 @@ class JobController:
         if decided.complete or decided.failed is not None:
             return None
         return Requeue(after=decided.requeue_after or self.settings.plan.resync_s)
+
+    async def _plan(self, inputs: JobInputs) -> Plan:
+        """The pure planner; a job of many shards is planned in a thread so the event loop keeps serving (its
+        inputs belong to this job's sync alone: the work queue never runs one key twice at once)."""
+        if inputs.total_shards > 2000:
+            return await asyncio.to_thread(plan, inputs)
+        return plan(inputs)
 
     async def _admit(self, job: FleetJob, state: _Job) -> ArtifactProblem | None:
         spec = job.spec
@@ -239,8 +246,11 @@ class JobController:
         invalid: list[TrustVerdict] = []
         for shard, pods in views.items():
             for n, view in enumerate(pods):
-                digest = view.report.result_sha256 if view.phase == "Succeeded" and view.report else None
-                if digest is None:
+                if view.phase != "Succeeded":
+                    continue
+                digest = view.report.result_sha256 if view.report else None
+                if digest is None:  # "done" without a result: nothing to verify, the shard must run again
+                    pods[n] = _failed(view, "NoResult", "the car reported success without a result digest")
                     continue
                 if digest not in state.checked:
                     state.checked[digest] = await self._check_result(job, shard, digest, state)
@@ -282,8 +292,6 @@ class JobController:
                          now: datetime) -> None:
         meta = job.metadata
         assert meta.namespace and meta.name and state.ledger is not None
-        if decided.trust:
-            self.vehicles.record(decided.trust)
         if decided.ledger:
             owner = {"apiVersion": job.api_version, "kind": job.kind, "name": meta.name, "uid": meta.uid,
                      "controller": True, "blockOwnerDeletion": True}
@@ -293,6 +301,10 @@ class JobController:
                 if entry.accepted and not (before.get(shard) and before[shard].accepted):
                     first = min((p.created_at for p in views.get(shard, ())), default=now)
                     self.metrics.shard_seconds.observe(max(0.0, (now - first).total_seconds()))
+        # Verdicts after the ledger: a shard's verdicts come with its acceptance, which the ledger now records, so
+        # a sync retried after a failed ledger write does not judge the same cars twice (at most once, not twice).
+        if decided.trust:
+            self.vehicles.record(decided.trust)
         for ev in decided.events:
             self._event(job, ev.type, ev.reason, ev.message)
         if decided.creates:

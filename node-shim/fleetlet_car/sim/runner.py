@@ -271,6 +271,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-schedules", action="store_true", help="cars stay parked unless told otherwise")
     p.add_argument("--status-every", type=float, default=5.0, help="seconds between status lines")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many real seconds (0 = run)")
+    p.add_argument("--start-ready", action="store_true",
+                   help="start every car parked, plugged in and at 90 %% charge (demos: work can start at once)")
+    p.add_argument("--departures", type=int, default=0, metavar="N",
+                   help="SIMULATED departures: N cars drive off in the middle of a shard (each once it has run "
+                        "--departure-after seconds) and park again --departure-seconds later")
+    p.add_argument("--departure-after", type=float, default=1.0)
+    p.add_argument("--departure-seconds", type=float, default=20.0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--checkpoint-seconds", type=float, default=30.0)
     p.add_argument("--allow-network-fallback", action="store_true",
@@ -318,13 +325,39 @@ def main(argv: list[str] | None = None) -> int:
         simulate_compute=args.simulate_compute, liars=args.lying_car,
     )  # fmt: skip
     try:
-        asyncio.run(_serve(harness, args.status_every, args.duration))
+        asyncio.run(_serve(harness, args.status_every, args.duration, ready=args.start_ready,
+                           departures=(args.departures, args.departure_after, args.departure_seconds)))
     except KeyboardInterrupt:
         pass
     return 0
 
 
-async def _serve(harness: SimFleetHarness, status_every: float, duration: float) -> None:
+async def _depart(harness: SimFleetHarness, count: int, after_s: float, away_s: float) -> None:
+    """SIMULATED departures for demos: ``count`` cars each drive off once they have worked ``after_s`` seconds
+    on a shard (their safety reflex kills the sandbox at once), and park again ``away_s`` later."""
+    working_since: dict[str, float] = {}
+    gone: set[str] = set()
+    loop = asyncio.get_running_loop()
+    while len(gone) < count:
+        await asyncio.sleep(0.2)
+        now = loop.time()
+        for name, agent in harness.agents.items():
+            if name in gone:
+                continue
+            if not agent.running:
+                working_since.pop(name, None)
+                continue
+            since = working_since.setdefault(name, now)
+            if now - since >= after_s and len(gone) < count:
+                gone.add(name)
+                print(f"fleetlet-sim: car {name} drives off in the middle of a shard (SIMULATED departure); "
+                      f"it parks again in {away_s:.0f} s", flush=True)
+                harness.set_drive_state(name, "Driving")
+                loop.call_later(away_s, harness.set_drive_state, name, "Parked")
+
+
+async def _serve(harness: SimFleetHarness, status_every: float, duration: float, *, ready: bool = False,
+                 departures: tuple[int, float, float] = (0, 1.0, 20.0)) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -332,6 +365,12 @@ async def _serve(harness: SimFleetHarness, status_every: float, duration: float)
             loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
     async with harness:
+        if ready:
+            for i in range(len(harness.agents)):
+                harness.fleet.set_state_of_charge(i, 0.9)
+                harness.fleet.set_plugged_in(i, True)
+                harness.fleet.set_drive_state(i, "Parked")
+        departer = asyncio.create_task(_depart(harness, *departures)) if departures[0] else None
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(status_every):
@@ -345,6 +384,8 @@ async def _serve(harness: SimFleetHarness, status_every: float, duration: float)
             )
             if duration and time.monotonic() - started >= duration:
                 break
+        if departer is not None:
+            departer.cancel()
 
 
 if __name__ == "__main__":

@@ -127,6 +127,8 @@ class LedgerEntry:
     energy_kwh: float = 0.0  # all car energy the shard cost, once settled
     cars: tuple[str, ...] = ()  # the cars whose results were accepted
     resume: tuple[tuple[int, ResumePoint], ...] = ()  # (replica, where it resumes) while unsettled
+    departures: int = 0  # once settled: how often its cars drove off (free) ...
+    failures: int = 0  # ... and how often it failed itself (retries spent)
 
     @property
     def settled(self) -> bool:
@@ -138,7 +140,8 @@ class LedgerEntry:
     def with_resume(self, replica: int, point: ResumePoint | None) -> LedgerEntry:
         rest = tuple((r, p) for r, p in self.resume if r != replica)
         resume = tuple(sorted(rest + ((replica, point),))) if point is not None else rest
-        return LedgerEntry(self.accepted, self.failed, self.energy_kwh, self.cars, resume)
+        return LedgerEntry(self.accepted, self.failed, self.energy_kwh, self.cars, resume, self.departures,
+                           self.failures)
 
     def wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -150,6 +153,10 @@ class LedgerEntry:
             out["e"] = round(self.energy_kwh, 9)
         if self.cars:
             out["c"] = list(self.cars)
+        if self.departures:
+            out["d"] = self.departures
+        if self.failures:
+            out["f"] = self.failures
         if self.resume and not self.settled:
             out["r"] = {str(r): p.wire() for r, p in self.resume}
         return out
@@ -157,7 +164,8 @@ class LedgerEntry:
     @classmethod
     def parse(cls, body: dict[str, Any]) -> LedgerEntry:
         resume = tuple(sorted((int(r), ResumePoint.parse(p)) for r, p in (body.get("r") or {}).items()))
-        return cls(body.get("a"), body.get("x"), float(body.get("e", 0.0)), tuple(body.get("c") or ()), resume)
+        return cls(body.get("a"), body.get("x"), float(body.get("e", 0.0)), tuple(body.get("c") or ()), resume,
+                   int(body.get("d", 0)), int(body.get("f", 0)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,8 @@ def pod_name(job: str, shard: int, replica: int, attempt: int) -> str:
     if len(job) + len(suffix) <= 253:
         return job + suffix
     digest = hashlib.sha256(job.encode()).hexdigest()[:10]
-    return f"{job[: 253 - len(suffix) - 11]}-{digest}{suffix}"
+    # A cut right after a '.' would start a DNS label with '-' (an invalid name): cut before it.
+    return f"{job[: 253 - len(suffix) - 11].rstrip('.-')}-{digest}{suffix}"
 
 
 def label_value(text: str) -> str:

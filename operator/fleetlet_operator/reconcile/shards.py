@@ -97,6 +97,8 @@ def plan(inp: JobInputs) -> Plan:
         entry = inp.ledger.get(i, LedgerEntry())
         if entry.settled:
             _count_settled(inp, i, entry, out)
+            if entry.failed is not None:  # settled failed, but the job's status may not say so yet (a crash)
+                failed.append((i, entry.failed))
             out.deletes += [p.name for p in inp.pods.get(i, ()) if p.phase != "Gone" and not p.deleting]
             continue
         shard = _Shard(inp, i, entry, out, may_create=not stopping)
@@ -154,6 +156,8 @@ def _unstarted(inp: JobInputs, started: Sequence[int]) -> Iterator[int]:
 def _count_settled(inp: JobInputs, i: int, entry: LedgerEntry, out: Plan) -> None:
     c = out.counts
     c.energy_kwh += entry.energy_kwh
+    c.departures += entry.departures
+    c.failures += entry.failures
     if entry.accepted is not None:
         c.verified += 1
         c.items_done += inp.items(i)
@@ -208,9 +212,10 @@ class _Shard:
     def decide(self) -> None:
         if self._verify():
             return
-        if self.failed is None:
-            for r in range(self.replicas):
-                self._replica(r)
+        for r in range(self.replicas):
+            if self.failed is not None:
+                break  # failed for good (counted once): the other replicas need nothing more
+            self._replica(r)
         self._account()
         if self.new_entry != self.entry:
             self.out.ledger[self.i] = self.new_entry
@@ -220,17 +225,14 @@ class _Shard:
         results = self._results()
         if not results:
             return False
-        digests = list(dict.fromkeys(p.report.result_sha256 for _, p in results if p.report))
-        if len(digests) > 1 and self.i not in self.inp.classes:
-            self.out.compare.append(self.i)  # the controller classifies them, then plans again
+        digests = list(dict.fromkeys(d for _, p in results if p.report and (d := p.report.result_sha256)))
+        known = {d for cls in self.inp.classes.get(self.i, ()) for d in cls}
+        if len(digests) > 1 and not known.issuperset(digests):
+            # The controller classifies them (again, when a new digest came in since), then plans again.
+            self.out.compare.append(self.i)
             return False
-        classes = [list(c) for c in self.inp.classes.get(self.i, [digests])]
-        best = max((self._distinct(results, cls) for cls in classes), key=len)
         spec = self.spec.verification
-        quorum = max(spec.quorum, 2) if self.audited else spec.quorum
-        if len(best) >= quorum:
-            self._accept(results, best, compared=self.replicas > 1)
-            return True
+        # The audit decision comes before any quorum: with replicas 1 a single result is always a quorum of 1.
         if spec.replicas == 1 and not self.audited and len(results) == 1:
             r0, p0 = results[0]
             car = self.inp.cars.get(p0.node)
@@ -242,14 +244,22 @@ class _Shard:
             self.audited = True  # verify this one on a second car first
             self.replicas = max(self.replicas, 2)
             return False
+        classes = [list(c) for c in self.inp.classes.get(self.i, [digests])]
+        best = max((self._distinct(results, cls) for cls in classes), key=len)
+        quorum = max(spec.quorum, 2) if self.audited else spec.quorum
+        if len(best) >= quorum:
+            self._accept(results, best, compared=self.replicas > 1)
+            return True
         finished = all(r in self.current and self.current[r].phase == "Succeeded" for r in range(self.replicas))
         if finished:  # every replica answered and no quorum: a tiebreaker, or give up
             limit = spec.replicas + self.inp.settings.max_extra_replicas + (1 if self.audited else 0)
             if self.replicas < limit:
                 self.replicas += 1
                 cars = ", ".join(sorted({p.node for _, p in results}))
-                self.out.events.append(JobEvent("Warning", "ResultsDisagree",
-                                                f"shard {self.i}: the results of {cars} disagree; asking one more car"))
+                why = "disagree" if len(digests) > 1 else "agree but are no quorum (one owner, or cars not trusted)"
+                if self.may_create:  # said once, when the extra car is asked (not on every look while suspended)
+                    self.out.events.append(JobEvent("Warning", "ResultsDisagree",
+                                                    f"shard {self.i}: the results of {cars} {why}; asking one more car"))
             else:
                 self._fail(f"no {quorum} agreeing results from different cars and owners after "
                            f"{self.replicas} replicas")
@@ -292,7 +302,10 @@ class _Shard:
         if compared:
             for r, p in results:
                 contributors = _contributors(p)
-                valid = r in winning or (p.report is not None and self._same_class(p.report.result_sha256, digest))
+                said = p.report.result_sha256 if p.report is not None else None
+                # A result equal to the accepted one is valid even when it did not count (a second car of a
+                # winning owner): only a different answer loses trust.
+                valid = r in winning or said == digest or self._same_class(said, digest)
                 for car in contributors:
                     self.out.trust.append(TrustVerdict(car, valid, len(contributors) == 1, self.i))
                 if not valid:
@@ -301,7 +314,8 @@ class _Shard:
                         f"shard {self.i}: the result of {', '.join(contributors)} disagreed with "
                         f"{len(winners)} other cars; it was rejected and the car loses trust"))
         energy = self._energy()
-        self.new_entry = LedgerEntry(accepted=digest, energy_kwh=energy, cars=tuple(p.node for _, p in winners))
+        self.new_entry = LedgerEntry(accepted=digest, energy_kwh=energy, cars=tuple(p.node for _, p in winners),
+                                     departures=self._departures(), failures=len(self.failures))
         self.out.ledger[self.i] = self.new_entry
         self.out.deletes += [p.name for p in self.pods if p.phase != "Gone" and not p.deleting]
         self.settled = True
@@ -309,6 +323,8 @@ class _Shard:
         c.verified += 1
         c.items_done += self.inp.items(self.i)
         c.energy_kwh += energy
+        c.departures += self.new_entry.departures
+        c.failures += self.new_entry.failures
 
     def _same_class(self, a: str | None, b: str) -> bool:
         return any(a in cls and b in cls for cls in self.inp.classes.get(self.i, ()))
@@ -316,19 +332,24 @@ class _Shard:
     def _fail(self, why: str) -> None:
         energy = self._energy()
         self.failed = why
-        self.new_entry = LedgerEntry(failed=why[:512], energy_kwh=energy)
+        self.new_entry = LedgerEntry(failed=why[:512], energy_kwh=energy, departures=self._departures(),
+                                     failures=len(self.failures))
         self.out.ledger[self.i] = self.new_entry
         self.out.events.append(JobEvent("Warning", "ShardFailed", f"shard {self.i} failed for good: {why}"))
         self.settled = True
         self.out.counts.failed += 1
         self.out.counts.energy_kwh += energy
+        self.out.counts.departures += self.new_entry.departures
+        self.out.counts.failures += self.new_entry.failures
 
     # ---- one replica ----------------------------------------------------------------------------------------
 
     def _replica(self, r: int) -> None:
         cur = self.current.get(r)
         point = self.new_entry.resume_of(r)
-        if cur is None:
+        if cur is None or (point is not None and cur.attempt + 1 < point.next_attempt):
+            # No pod, or the ledger knows a later attempt than the pods show (it departed, its pod and tombstone
+            # are gone after a restart): resume from the ledger.
             if point is None:
                 self._create(r, 0, None, Carried())
             else:
@@ -336,7 +357,20 @@ class _Shard:
             return
         if point is not None and cur.attempt >= point.next_attempt:
             self.new_entry = self.new_entry.with_resume(r, None)  # the next attempt exists: it carries it now
-        if not cur.terminal or cur.phase == "Succeeded":
+        if not cur.terminal:
+            return
+        if cur.phase == "Succeeded":
+            car = self.inp.cars.get(cur.node)
+            if car is None or not car.untrusted:
+                return
+            # The car lost trust after it finished: its result no longer counts. Run the replica again, from the
+            # start (its checkpoints are not trusted either), without spending a retry: it is not the shard's fault.
+            carried = Carried(cur.carried.energy_kwh + cur.energy_kwh, cur.carried.departures,
+                              cur.carried.cars + ((cur.node,) if cur.node not in cur.carried.cars else ()))
+            self.new_entry = self.new_entry.with_resume(r, ResumePoint(None, carried, cur.attempt + 1))
+            if not cur.deleting:
+                self.out.deletes.append(cur.name)
+            self._create(r, cur.attempt + 1, None, carried, "distrusted")
             return
         if classify(cur.reason) is Outcome.DEPARTURE or cur.phase == "Gone":
             carried = cur.carried.then(cur.energy_kwh, cur.node)
@@ -344,7 +378,6 @@ class _Shard:
             # Durable before the pod goes: if the next attempt cannot be created now, the ledger keeps where to
             # resume (and what it cost) for when it can.
             self.new_entry = self.new_entry.with_resume(r, point)
-            self.out.counts.departures += 1
             if cur.phase != "Gone" and not cur.deleting:
                 self.out.deletes.append(cur.name)
             self._create(r, cur.attempt + 1, cur.checkpoint, carried, "departure")
@@ -360,8 +393,12 @@ class _Shard:
         if left > 0:
             self.wait = left if self.wait is None else min(self.wait, left)
             return
-        # The failed attempt stays (it is the retry count); the next one does not carry its energy.
-        self._create(r, cur.attempt + 1, cur.checkpoint, cur.carried, "failure")
+        # The failed attempt stays (it is the retry count); the next one does not carry its energy. If it resumes
+        # from the failed attempt's own checkpoint, that car contributed to the result: it shares it, for trust.
+        carried = cur.carried
+        if cur.checkpoint != cur.resume and cur.node and cur.node not in carried.cars:
+            carried = Carried(carried.energy_kwh, carried.departures, (*carried.cars, cur.node))
+        self._create(r, cur.attempt + 1, cur.checkpoint, carried, "failure")
 
     def _create(self, r: int, attempt: int, resume: ShardCheckpoint | None, carried: Carried,
                 cause: str = "") -> None:
@@ -381,14 +418,17 @@ class _Shard:
         energy = 0.0
         for r in range(self.replicas):
             chain = self.chains.get(r, [])
-            if chain:
+            point = self.entry.resume_of(r)
+            if point is not None and (not chain or chain[-1].attempt + 1 < point.next_attempt):
+                # The ledger's resume point is newer than any pod: it carries what the later attempts spent.
+                energy += point.carried.energy_kwh
+                energy += sum(p.energy_kwh for p in chain if p.phase == "Failed"
+                              and classify(p.reason) is Outcome.FAILURE)
+            elif chain:
                 cur = chain[-1]
                 energy += cur.carried.energy_kwh + cur.energy_kwh
                 energy += sum(p.energy_kwh for p in chain[:-1] if p.phase == "Failed"
                               and classify(p.reason) is Outcome.FAILURE)
-            else:
-                point = self.entry.resume_of(r)
-                energy += point.carried.energy_kwh if point is not None else 0.0
         return energy
 
     def _account(self) -> None:
@@ -400,10 +440,32 @@ class _Shard:
             c.running += 1
         elif any(p.phase == "Succeeded" for p in self.current.values()):
             c.succeeded += 1
-        progress = max((p.report.items_done for p in self.current.values() if p.report is not None), default=0)
+        # In-flight progress never falls back after a departure: a resumed attempt has done its checkpoint's items
+        # before it says anything, and so has a replica waiting in the ledger to resume.
+        done = [p.report.items_done for p in self.current.values() if p.report is not None]
+        done += [p.checkpoint.items_done for p in self.current.values() if p.checkpoint is not None]
+        done += [pt.checkpoint.items_done for _, pt in self.new_entry.resume if pt.checkpoint is not None]
+        progress = max(done, default=0)
         c.items_done += min(progress, self.inp.items(self.i))
         c.energy_kwh += self._energy()
         c.failures += len(self.failures)
+        c.departures += self._departures()
+
+    def _departures(self) -> int:
+        """How often this shard's cars drove off so far (each chain carries its count; a departed pod not yet
+        replaced counts once more)."""
+        total = 0
+        for r in range(self.replicas):
+            cur = self.current.get(r)
+            point = self.new_entry.resume_of(r) or self.entry.resume_of(r)
+            if cur is None:
+                total += point.carried.departures if point is not None else 0
+                continue
+            total += cur.carried.departures
+            if cur.terminal and cur.phase != "Succeeded" and (cur.phase == "Gone"
+                                                             or classify(cur.reason) is Outcome.DEPARTURE):
+                total += 1
+        return total
 
 
 def _contributors(p: PodView) -> tuple[str, ...]:

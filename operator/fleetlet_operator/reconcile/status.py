@@ -61,6 +61,8 @@ def next_status(job: FleetJob, plan: Plan, *, total_shards: int, now: datetime, 
          f"accepted on {spec.verification.quorum} matching result(s)")
     progress = (f"{c.verified}/{total_shards} shards verified, {c.running} running, {c.succeeded} awaiting "
                 f"verification, {c.pending} waiting; {c.departures} departures and {c.failures} failures so far")
+    if c.unschedulable and c.pending:  # shards that wait say why, also while others run
+        progress += f"; waiting for cars: {c.unschedulable}"
     if plan.failed is not None:
         reason, message = plan.failed
         st.phase = "Failed"
