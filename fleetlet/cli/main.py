@@ -1,7 +1,7 @@
 """``fleetlet``: the user's front door (kubectl habits: ``--kubeconfig``, ``-n``, ``-o yaml|json``).
 
 Commands that exist are real; nothing here is a placeholder. ``up``/``down`` run the local control plane,
-``demo`` brings it up with the CRDs and example objects applied.
+``demo`` runs the whole product on it, ``upload``/``submit``/``status`` run jobs, ``revoke``/``trust`` manage cars.
 """
 
 from __future__ import annotations
@@ -84,10 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if cmd_up(args) != 0:
         return 1
     cluster = LocalCluster.attach(state_dir())
-    examples = _repo_file("examples")
-    _progress(f"applying the example VehicleNodes and FleetJob from {examples}")
-    cluster.kubectl("apply", "-f", str(examples))
-    return run_demo(cluster, state_dir(), cars=args.cars, seed=args.seed)
+    return run_demo(cluster, state_dir(), cars=args.cars, seed=args.seed, departures=args.departures)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -104,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop the local control plane")
     down.add_argument("--purge", action="store_true", help="also delete its state (etcd data, certificates)")
     down.set_defaults(func=cmd_down)
-    demo = sub.add_parser("demo", help="local control plane, shim and a simulated fleet; shard pods run on the cars")
+    demo = sub.add_parser("demo", help="local control plane, operator, shim and a simulated fleet; the example "
+                          "FleetJob runs to a verified result")
     demo.add_argument("--cars", type=int, default=12, help="simulated cars (default 12)")
     demo.add_argument("--seed", type=int, default=42, help="seed of the simulated fleet")
+    demo.add_argument("--departures", type=int, default=3, help="cars that drive off mid-shard (default 3)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
     from fleetlet.cli.jobs import add_commands
