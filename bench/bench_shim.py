@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from fleetlet_car.link import CarLink, CarLinkConfig, car_ssl_context
-from fleetlet.cli.local import apply_objects, start_shim, vehiclenodes
 
 from fleetlet.carlink.protocol import Capacity
+from fleetlet.cli.local import apply_objects, start_shim, vehiclenodes
 from fleetlet.localcluster import LocalCluster
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shim.json"

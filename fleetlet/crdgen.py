@@ -93,9 +93,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
 
 def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The structural OpenAPI v3 schema of one model, as the API server wants it."""
-    raw = model.model_json_schema(by_alias=True, schema_generator=_KubeSchema, mode="validation")
+    raw: dict[str, Any] = model.model_json_schema(by_alias=True, schema_generator=_KubeSchema, mode="validation")
     defs = raw.get("$defs", {})
-    return _structural(raw, defs)
+    schema: dict[str, Any] = _structural(raw, defs)
+    return schema
 
 
 def crd(

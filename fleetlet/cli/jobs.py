@@ -109,7 +109,7 @@ def progress_line(job: dict[str, Any]) -> str:
     pct = 100.0 * done / total if total else 0.0
     bar = "#" * int(pct / 5) + "." * (20 - int(pct / 5))
     phase = st.get("phase", "Pending")
-    cond = next((c for c in st.get("conditions", []) if c.get("type") == "Progressing"), {})
+    cond: dict[str, Any] = next((c for c in st.get("conditions", []) if c.get("type") == "Progressing"), {})
     why = f" — {cond.get('message')}" if phase == "Pending" and cond.get("message") else ""
     return (f"{job['metadata']['name']}: {phase:<9} [{bar}] {pct:5.1f}% {done}/{total} items  shards "
             f"{shards.get('verified', 0)}/{shards.get('total', 0)} verified, {shards.get('running', 0)} running, "

@@ -388,10 +388,10 @@ class LocalCluster:
             if probe():
                 return
             time.sleep(0.2)
-        comp = next((c for c in self.components if c.name == name), None)
+        found = next((c for c in self.components if c.name == name), None)
         raise ClusterError(
-            f"{name} did not become ready in time; its log ({comp.log_path if comp else '?'}) ends with:\n"
-            f"{comp.tail() if comp else ''}"
+            f"{name} did not become ready in time; its log ({found.log_path if found else '?'}) ends with:\n"
+            f"{found.tail() if found else ''}"
         )
 
     @staticmethod

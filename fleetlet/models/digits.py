@@ -83,7 +83,7 @@ def make_classifier() -> Any:
 def train_digits() -> tuple[Any, np.ndarray, np.ndarray]:
     """Train the MLP deterministically; returns (fitted MLPClassifier, inputs float32 [N,64], labels int64 [N])."""
     from sklearn.datasets import load_digits
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
     data = load_digits()
     inputs = np.ascontiguousarray(data.data, dtype=np.float32)
@@ -111,7 +111,8 @@ def export_digits(model: Any) -> bytes:
     names = [o.name for o in onx.graph.output]
     if names != [LABEL_NAME, PROBABILITIES_NAME]:
         raise RuntimeError(f"unexpected ONNX outputs {names}; update fleetlet.models.digits")
-    return onx.SerializeToString()
+    data: bytes = onx.SerializeToString()
+    return data
 
 
 def predict_onnx(model_path: Path, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

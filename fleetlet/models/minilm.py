@@ -290,16 +290,18 @@ def reference_forward(
     where ``attention_mask`` is 1, at their original positions) with no mask bias at all, so agreement also
     proves that the graph's masking makes padding invisible. A sentence with no real token embeds to zeros.
     """
-    from scipy.special import erf
+    from scipy.special import erf  # type: ignore[import-untyped]
 
     def layer_norm(x: np.ndarray, prefix: str) -> np.ndarray:
         mu = x.mean(-1, keepdims=True)
         var = ((x - mu) ** 2).mean(-1, keepdims=True)
         normed = (x - mu) / np.sqrt(var + np.float32(config.layer_norm_eps))
-        return normed * weights[f"{prefix}.weight"] + weights[f"{prefix}.bias"]
+        out: np.ndarray = normed * weights[f"{prefix}.weight"] + weights[f"{prefix}.bias"]
+        return out
 
     def linear(x: np.ndarray, prefix: str) -> np.ndarray:
-        return x @ weights[f"{prefix}.weight"].T + weights[f"{prefix}.bias"]
+        out: np.ndarray = x @ weights[f"{prefix}.weight"].T + weights[f"{prefix}.bias"]
+        return out
 
     heads, head_dim = config.num_attention_heads, config.head_dim
     out = np.zeros((input_ids.shape[0], config.hidden_size), np.float32)

@@ -107,8 +107,9 @@ class TelemetryMirror:
         return current
 
     def _forget(self, name: str) -> None:
-        for d in (self._written, self._written_at, self._conditions):
-            d.pop(name, None)  # type: ignore[attr-defined]
+        self._written.pop(name, None)
+        self._written_at.pop(name, None)
+        self._conditions.pop(name, None)
         self._urgent.discard(name)
 
 

@@ -9,9 +9,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from .meta import API_VERSION, ApiModel, Conditions, DnsLabel, Fraction, ObjectMeta, Quantity, Sha256, cel
+from .meta import ApiModel, Conditions, DnsLabel, Fraction, ObjectMeta, Quantity, Sha256, cel
 
 KIND = "FleetJob"
 PLURAL = "fleetjobs"
@@ -77,13 +77,13 @@ class Placement(ApiModel):
 
 
 class Verification(ApiModel):
-    model_config = ApiModel.model_config | {
+    model_config = ApiModel.model_config | ConfigDict(**{
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 cel("self.quorum <= self.replicas", "quorum must not exceed replicas", ".quorum")
             ]
         }
-    }
+    })
 
     replicas: int = Field(default=1, ge=1, le=5, description="Cars that run each shard independently.")
     quorum: int = Field(default=1, ge=1, le=5, description="Matching results needed to accept a shard.")
@@ -115,7 +115,7 @@ class Output(ApiModel):
 
 
 class FleetJobSpec(ApiModel):
-    model_config = ApiModel.model_config | {
+    model_config = ApiModel.model_config | ConfigDict(**{
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 cel(
@@ -127,7 +127,7 @@ class FleetJobSpec(ApiModel):
                 ),
             ]
         }
-    }
+    })
 
     model: ModelRef
     input: InputRef
@@ -185,8 +185,8 @@ class FleetJob(ApiModel):
     PLURAL: ClassVar[str] = PLURAL
     SCOPE: ClassVar[str] = "Namespaced"
 
-    api_version: Literal["fleetlet.io/v1alpha1"] = Field(default=API_VERSION)
-    kind: Literal["FleetJob"] = Field(default=KIND)
+    api_version: Literal["fleetlet.io/v1alpha1"] = Field(default="fleetlet.io/v1alpha1")
+    kind: Literal["FleetJob"] = Field(default="FleetJob")
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: FleetJobSpec
     status: FleetJobStatus | None = None

@@ -26,7 +26,7 @@ Sha256 = Annotated[str, Field(pattern=r"^[a-f0-9]{64}$", min_length=64, max_leng
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
     """One ``x-kubernetes-validations`` entry; ``message`` must say what to fix."""
     entry = {"rule": rule, "message": message}
     if field_path:

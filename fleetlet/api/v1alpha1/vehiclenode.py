@@ -12,10 +12,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .meta import (
-    API_VERSION,
     ApiModel,
     Conditions,
     DnsLabel,
@@ -99,20 +98,21 @@ class Hardware(ApiModel):
 
 
 Weekday = Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+_ALL_DAYS: tuple[Weekday, ...] = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 HHMM = Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", max_length=5)]
 
 
 class AvailabilityWindow(ApiModel):
     """Times the owner lends the car; a window may cross midnight (start 22:00, end 06:00)."""
 
-    model_config = ApiModel.model_config | {
+    model_config = ApiModel.model_config | ConfigDict(**{
         "json_schema_extra": {
             "x-kubernetes-validations": [cel("self.start != self.end", "start and end must differ")]
         }
-    }
+    })
 
     days: list[Weekday] = Field(
-        default_factory=lambda: ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"], min_length=1, max_length=7
+        default_factory=lambda: list(_ALL_DAYS), min_length=1, max_length=7
     )
     start: HHMM
     end: HHMM
@@ -127,7 +127,7 @@ class AvailabilityWindow(ApiModel):
 class Policy(ApiModel):
     """The owner's rules. Fleetlet never breaks them; the car agent enforces the hard limits itself."""
 
-    model_config = ApiModel.model_config | {
+    model_config = ApiModel.model_config | ConfigDict(**{
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 cel(
@@ -144,7 +144,7 @@ class Policy(ApiModel):
                 ),
             ]
         }
-    }
+    })
 
     min_state_of_charge: Fraction = Field(
         default=0.5, description="Battery floor (0..1): no new work under it; hysteresis above it."
@@ -285,8 +285,8 @@ class VehicleNode(ApiModel):
     PLURAL: ClassVar[str] = PLURAL
     SCOPE: ClassVar[str] = "Cluster"
 
-    api_version: Literal["fleetlet.io/v1alpha1"] = Field(default=API_VERSION)
-    kind: Literal["VehicleNode"] = Field(default=KIND)
+    api_version: Literal["fleetlet.io/v1alpha1"] = Field(default="fleetlet.io/v1alpha1")
+    kind: Literal["VehicleNode"] = Field(default="VehicleNode")
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: VehicleNodeSpec
     status: VehicleNodeStatus | None = None

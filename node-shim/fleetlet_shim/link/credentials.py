@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
-from fleetlet.pki import CAR_ORGANIZATION  # re-exported: the link's rule, the PKI's constant
+from fleetlet.pki import (
+    CAR_ORGANIZATION as CAR_ORGANIZATION,  # re-exported: the link's rule, the PKI's constant
+)
 
 log = logging.getLogger(__name__)
 

@@ -201,8 +201,9 @@ class LinkServer:
             assert http is not None
 
             def accept() -> asyncio.BaseProtocol:
-                return tls(loop, http(), ctx, None, server_side=True,
-                           ssl_handshake_timeout=cfg.hello_timeout_seconds)
+                proto: asyncio.BaseProtocol = tls(loop, http(), ctx, None, server_side=True,
+                                                  ssl_handshake_timeout=cfg.hello_timeout_seconds)
+                return proto
 
             self._listener = await loop.create_server(accept, host, port, backlog=4096)
             bound = int(self._listener.sockets[0].getsockname()[1])
@@ -359,7 +360,8 @@ class LinkServer:
             return None
         conn.seq_in = hello.seq
         self.metrics.messages_in["hello"] += 1
-        return hello
+        result: Hello = hello
+        return result
 
     def _redirected(self, conn: _Conn) -> bool:
         """Send a car that another replica serves to it (or away, if its URL is unknown); True if so."""
