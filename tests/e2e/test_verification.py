@@ -1,0 +1,120 @@
+"""Verification and the cars' side of the operator, end to end, with SIMULATED compute on the cars (a deterministic
+function of the shard stands in for inference, so a car can be made to lie; pods, the shim, the API server, the
+scheduler and the operator are all real).
+
+A car that returns wrong results is caught by its disagreement with cars of other owners, loses trust (its
+VehicleNode says so, the shim taints it ``fleetlet.io/untrusted``) and gets no more work; the job's output is the
+honest one. A car whose VehicleNode is deleted has its shards drained (stopped, resumed elsewhere) before the
+operator lets the VehicleNode go.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from fleetlet_car.sim.compute import simulated_outputs
+from fleetlet_operator.artifacts import JobArtifacts
+
+from tests.conftest import Cluster, until
+from tests.e2e.conftest import NS, System, start_system, stop_system
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+LIAR = "honest-000003"
+ITEMS = 24_000
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def simulated(crds_installed: Cluster, work: Path) -> AsyncIterator[System]:
+    system, _ = await start_system(crds_installed, work, "honest", cars=6, seed=5, simulate_compute=4000.0,
+                                   liars=[LIAR])
+    try:
+        yield system
+    finally:
+        await stop_system(system)
+
+
+@pytest.fixture(scope="module")
+def artifacts(simulated: System, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("sim-artifacts")
+    (root / "model.onnx").write_bytes(b"SIMULATED model: the cars' compute is simulated in this test")
+    np.save(root / "input.npy", np.arange(ITEMS, dtype=np.float32).reshape(ITEMS, 1))
+    model, data = simulated.store.put_file(root / "model.onnx"), simulated.store.put_file(root / "input.npy")
+    return {"model": model, "input": data}
+
+
+def honest_output(system: System, artifacts: dict[str, Any], shard_size: int) -> np.ndarray:
+    """What honest cars compute: SIMULATED outputs of each shard's own input blob, in input order."""
+    shards = JobArtifacts(system.store)
+    parts = []
+    for start in range(0, ITEMS, shard_size):
+        end = min(ITEMS, start + shard_size)
+        digest = shards.shard_input(artifacts["input"], "npy", start, end)
+        parts.append(simulated_outputs(artifacts["model"], digest, 0, end - start))
+    return np.concatenate(parts)
+
+
+def _trust(system: System, car: str) -> dict[str, Any]:
+    vn = json.loads(system.kubectl("get", "vn", car, "-o", "json").stdout)
+    return dict((vn.get("status") or {}).get("trust") or {})
+
+
+def _taints(system: System, car: str) -> set[str]:
+    node = json.loads(system.kubectl("get", "node", car, "-o", "json").stdout)
+    return {t["key"] for t in node["spec"].get("taints", [])}
+
+
+async def test_a_car_that_returns_wrong_results_is_caught_loses_trust_and_gets_no_more_work(
+    simulated: System, artifacts: dict[str, Any]
+) -> None:
+    # Every car is new, so every single-replica shard is audited on a second car of another owner.
+    simulated.submit("audited", artifacts["model"], artifacts["input"], ITEMS, shardSize=1000, parallelism=6)
+    status = await simulated.finished("audited", 300)
+    assert status["phase"] == "Succeeded", status
+    expected = honest_output(simulated, artifacts, 1000)
+    np.testing.assert_array_equal(next(iter(simulated.output("audited").values())), expected)
+    trust = _trust(simulated, LIAR)
+    assert trust.get("untrusted") is True and trust.get("invalidTotal", 0) >= 1, trust
+    assert "disagreed" in trust.get("message", "")
+    await until("the shim taints the liar untrusted", lambda: "fleetlet.io/untrusted" in _taints(simulated, LIAR), 30)
+    honest = [c for c in simulated.car_names() if c != LIAR]
+    assert all(not _trust(simulated, c).get("untrusted") for c in honest), "an honest car was condemned"
+    events = simulated.kubectl("get", "events", "-n", NS, "--field-selector",
+                               "involvedObject.kind=FleetJob,involvedObject.name=audited").stdout
+    assert "ResultRejected" in events
+
+    runs = simulated.fleet.agents[LIAR].runs_started
+    simulated.submit("after", artifacts["model"], artifacts["input"], ITEMS, shardSize=1000, parallelism=6)
+    status = await simulated.finished("after", 300)
+    assert status["phase"] == "Succeeded", status
+    assert simulated.fleet.agents[LIAR].runs_started == runs, "the untrusted car got work"
+    np.testing.assert_array_equal(next(iter(simulated.output("after").values())), expected)
+
+
+async def test_deleting_a_cars_vehiclenode_drains_its_shards_before_it_goes(
+    simulated: System, artifacts: dict[str, Any]
+) -> None:
+    simulated.submit("drain-vn", artifacts["model"], artifacts["input"], ITEMS, shardSize=8000, parallelism=3,
+                     retries=0)
+
+    def busy_car() -> str | None:
+        for pod in simulated.pods("drain-vn"):
+            if pod["status"].get("phase") == "Running" and pod["spec"].get("nodeName") not in (None, LIAR):
+                return str(pod["spec"]["nodeName"])
+        return None
+
+    car = await until("a shard runs on a car", busy_car, 60, interval_s=0.3)
+    vn = json.loads(simulated.kubectl("get", "vn", car, "-o", "json").stdout)
+    assert "fleetlet.io/drain" in vn["metadata"].get("finalizers", [])
+    simulated.kubectl("delete", "vn", car, "--wait=false")
+    await until("the car's VehicleNode is gone once drained", lambda: simulated.kubectl(
+        "get", "vn", car, check=False).returncode != 0, 60)
+    status = await simulated.finished("drain-vn", 300)
+    assert status["phase"] == "Succeeded", status  # its shard resumed elsewhere, free (retries: 0)
+    np.testing.assert_array_equal(next(iter(simulated.output("drain-vn").values())),
+                                  honest_output(simulated, artifacts, 8000))
