@@ -18,10 +18,10 @@ from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import generate_latest
 
 from fleetlet.artifacts import BlobStore, GrantSigner, make_app
 from fleetlet.kube import KubeClient, KubeConfig
+from fleetlet.kube.health import health_app
 
 from .app import Shim
 from .kubelet_api import KubeletApi
@@ -128,7 +128,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
             runners.append(runner)
 
         # Health first, so a probe can tell "starting" (readyz 503) from "dead".
-        await listen(_health_app(registry, shim), metrics_host, metrics_port, None)
+        await listen(health_app(registry, shim.ready.is_set, "caches not synced or listeners not up yet"),
+                     metrics_host, metrics_port, None)
         try:
             await shim.start()
             # One TLS listener for cars: the link and the artifact store (grants scope what each car may fetch).
@@ -148,25 +149,6 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
             for runner in runners:
                 await runner.cleanup()
             await shim.stop()
-
-
-def _health_app(registry: CollectorRegistry, shim: Shim) -> web.Application:
-    async def metrics_handler(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), content_type="text/plain")
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")  # the event loop answered: the process is alive
-
-    async def readyz(request: web.Request) -> web.Response:
-        if shim.ready.is_set():
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text="caches not synced or listeners not up yet\n")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
 
 
 def main(argv: list[str] | None = None) -> int:

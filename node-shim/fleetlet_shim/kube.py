@@ -16,15 +16,15 @@ What it must never do: decide anything (controllers decide; this module only car
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from fleetlet.api.v1alpha1.meta import API_VERSION
 from fleetlet.api.v1alpha1.taints import LABEL_VEHICLE
 from fleetlet.kube import ApiError, Informer, KubeClient, resource_path
 from fleetlet.kube.client import MERGE, STRATEGIC
 from fleetlet.kube.events import write_event
+from fleetlet.kube.rbac import Permissions
 
 from . import nodespec
 
@@ -36,32 +36,10 @@ SAR_PATH = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 REVOCATIONS_CONFIGMAP = "fleetlet-car-revocations"
 
 
-@dataclass(frozen=True, slots=True)
-class Permission:
-    group: str
-    resource: str
-    verb: str
-    namespaced: bool = False
-
-
-USES: list[Permission] = []
-"""Every (group, resource, verb) the shim's API calls need; ``rbac`` renders the ClusterRole from it."""
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def uses(group: str, resource: str, *verbs: str, namespaced: bool = False) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Declare the RBAC verbs a method below needs."""
-    for verb in verbs:
-        permission = Permission(group, resource, verb, namespaced)
-        if permission not in USES:
-            USES.append(permission)
-
-    def mark(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        return fn
-
-    return mark
+PERMISSIONS = Permissions()
+"""Every (group, resource, verb) the shim's API calls need; ``rbac`` renders the roles from it."""
+uses = PERMISSIONS.uses
+USES = PERMISSIONS.declared
 
 
 # ---- projections: what the shim keeps of each object ---------------------------------------------------------

@@ -10,6 +10,7 @@ from collections import defaultdict
 from typing import Any
 
 from fleetlet.kube.events import CLUSTER_EVENT_NAMESPACE as EVENT_NAMESPACE
+from fleetlet.kube.rbac import Permission
 
 from . import kube
 from .nodespec import NODE_LEASE_NAMESPACE
@@ -21,7 +22,7 @@ LABELS = {"app.kubernetes.io/part-of": "fleetlet", "app.kubernetes.io/component"
 _NAMESPACE_OF = {"leases": NODE_LEASE_NAMESPACE, "events": EVENT_NAMESPACE}
 
 
-def _rules(permissions: list[kube.Permission]) -> list[dict[str, Any]]:
+def _rules(permissions: list[Permission]) -> list[dict[str, Any]]:
     verbs: dict[tuple[str, str], list[str]] = defaultdict(list)
     for p in permissions:
         if p.verb not in verbs[(p.group, p.resource)]:
@@ -36,7 +37,7 @@ def cluster_rules() -> list[dict[str, Any]]:
 
 def namespaced_rules(namespace: str) -> dict[str, list[dict[str, Any]]]:
     """namespace -> rules, for the shim's namespaced permissions."""
-    by_ns: dict[str, list[kube.Permission]] = defaultdict(list)
+    by_ns: dict[str, list[Permission]] = defaultdict(list)
     for p in kube.USES:
         if p.namespaced:
             by_ns[_NAMESPACE_OF.get(p.resource, namespace)].append(p)

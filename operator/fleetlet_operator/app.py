@@ -21,11 +21,11 @@ from typing import Any
 import kopf
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import generate_latest
 
 from fleetlet.artifacts import BlobStore
 from fleetlet.kube import KubeClient, KubeConfig, RetryPolicy
 from fleetlet.kube.events import EventRecorder
+from fleetlet.kube.health import health_app
 
 from .artifacts import JobArtifacts
 from .jobs import JobController
@@ -93,21 +93,7 @@ class OperatorApp:
         return {"ready": self.ready.is_set(), "jobs": len(self.jobs.jobs), "shardPods": len(self.pods)}
 
     async def _serve_metrics(self) -> None:
-        async def metrics(request: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(self.registry), content_type="text/plain")
-
-        async def healthz(request: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
-        async def readyz(request: web.Request) -> web.Response:
-            if self.ready.is_set():
-                return web.Response(text="ok\n")
-            return web.Response(status=503, text="caches not synced yet\n")
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
+        app = health_app(self.registry, self.ready.is_set, "caches not synced yet")
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         s = self.settings

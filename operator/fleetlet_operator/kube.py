@@ -13,15 +13,14 @@ it is its own object).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from fleetlet.api.v1alpha1.meta import API_VERSION
 from fleetlet.api.v1alpha1.shard import ANNOTATION, PROGRESS_CONDITION
 from fleetlet.kube import ApiError, Informer, KubeClient, resource_path
 from fleetlet.kube.client import MERGE
 from fleetlet.kube.events import write_event
+from fleetlet.kube.rbac import Permission, Permissions
 
 from .reconcile.model import ANNOTATION_CARRIED, LABEL_JOB_UID
 
@@ -31,27 +30,10 @@ VEHICLENODES = resource_path(API_VERSION, "vehiclenodes")
 LEDGER_LABEL = "fleetlet.io/ledger"
 
 
-@dataclass(frozen=True, slots=True)
-class Permission:
-    group: str
-    resource: str
-    verb: str
-
-
-USES: list[Permission] = []
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def uses(group: str, resource: str, *verbs: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    for verb in verbs:
-        if Permission(group, resource, verb) not in USES:
-            USES.append(Permission(group, resource, verb))
-
-    def mark(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        return fn
-
-    return mark
+PERMISSIONS = Permissions()
+"""Every (group, resource, verb) the operator's own API calls need; ``rbac`` renders its role from it."""
+uses = PERMISSIONS.uses
+USES = PERMISSIONS.declared
 
 
 # kopf's own calls (it watches FleetJobs and writes nothing): granted by the chart and the tests.
