@@ -100,6 +100,18 @@ class CertificateAuthority:
     def cert_pem(self) -> bytes:
         return self.pair.cert_pem
 
+    def _authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        """The issued certificate's AuthorityKeyIdentifier: the CA's own SubjectKeyIdentifier when it has one.
+
+        Computing it from the CA's public key (SHA-1, RFC 5280's method 1) breaks with CAs made elsewhere: Go
+        1.25+ (helm's ``genCA``) uses a truncated SHA-256, and OpenSSL then finds no issuer for the certificate.
+        """
+        try:
+            ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        except x509.ExtensionNotFound:
+            return x509.AuthorityKeyIdentifier.from_issuer_public_key(self._cert.public_key())  # type: ignore[arg-type]
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
     def issue(
         self,
         common_name: str,
@@ -137,10 +149,7 @@ class CertificateAuthority:
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._cert.public_key()),  # type: ignore[arg-type]
-                critical=False,
-            )
+            .add_extension(self._authority_key_identifier(), critical=False)
         )
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]

@@ -47,7 +47,8 @@ def hardware_labels(vn: VehicleNode, shim_id: str, arch: str = "arm64") -> dict[
     accel = vn.spec.hardware.accelerators
     return {
         "kubernetes.io/hostname": vn.metadata.name or vn.spec.vehicle_id,
-        "kubernetes.io/os": "linux",
+        # No kubernetes.io/os label: a car is not a Linux host for general pods. DaemonSets that tolerate every
+        # taint select nodes by it (kube-proxy, CNI agents) and would otherwise get a pod on every car.
         "kubernetes.io/arch": arch,
         "type": "virtual-kubelet",
         t.LABEL_VEHICLE: "true",

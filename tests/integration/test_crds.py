@@ -35,7 +35,7 @@ def test_examples_apply_and_read_back_with_defaults(crds_installed: Cluster) -> 
     assert car["spec"]["policy"]["requirePluggedIn"] is True
     assert car["spec"]["paused"] is False
     job = json.loads(crds_installed.kubectl("get", "fleetjob", "digits", "-n", "default", "-o", "json").stdout)
-    assert job["spec"]["verification"] == {"replicas": 2, "quorum": 2, "spotCheckRate": 0.0}
+    assert job["spec"]["verification"] == {"replicas": 2, "quorum": 2, "spotCheckRate": 0.0, "tolerance": 0.0001}
     assert job["spec"]["model"]["runtime"] == "onnx"
 
 
