@@ -26,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
                    help="watch FleetJobs in this namespace only (repeatable; default: every namespace)")
     p.add_argument("--artifact-dir", required=True, type=Path,
                    help="directory of the content-addressed artifact store (shared with the shim)")
+    p.add_argument("--file-root", action="append", default=[], type=Path, metavar="DIR",
+                   help="a directory whose files a FleetJob may name as file:// model or input (repeatable; "
+                        "default none: only fleetlet://sha256/ artifacts already in the store)")
     p.add_argument("--metrics-address", default="127.0.0.1:9091", help="host:port of /metrics, /healthz, /readyz")
     p.add_argument("--job-workers", type=int, default=4, help="FleetJobs reconciled at once")
     p.add_argument("--kopf-workers", type=int, default=16, help="kopf's per-object worker limit")
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # kopf's per-object chatter
     host, _, port = args.metrics_address.rpartition(":")
     settings = OperatorSettings(
-        artifact_dir=args.artifact_dir, kubeconfig=args.kubeconfig or os.environ.get("KUBECONFIG"),
+        artifact_dir=args.artifact_dir, file_roots=tuple(args.file_root), kubeconfig=args.kubeconfig or os.environ.get("KUBECONFIG"),
         namespaces=tuple(args.namespace), metrics_host=host or "127.0.0.1", metrics_port=int(port),
         job_workers=args.job_workers, kopf_workers=args.kopf_workers, create_concurrency=args.create_concurrency,
         unreachable_toleration_s=args.unreachable_toleration_seconds,

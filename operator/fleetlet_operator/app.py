@@ -51,7 +51,7 @@ class OperatorApp:
         self.vehiclenodes = self.api.vehiclenode_informer()
         self.vehicles = VehicleController(self.api, self.vehiclenodes, self.pods, self.metrics,
                                           workers=settings.vehicle_workers)
-        self.artifacts = JobArtifacts(BlobStore(settings.artifact_dir))
+        self.artifacts = JobArtifacts(BlobStore(settings.artifact_dir), file_roots=settings.file_roots)
         self.events = EventRecorder(self.api, self.metrics, component="fleetlet-operator",
                                     instance=socket.gethostname(), observer=self.metrics)
         self.jobs = JobController(self.api, self.artifacts, self.pods, self.vehicles, settings, self.metrics,

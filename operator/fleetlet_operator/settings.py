@@ -11,6 +11,7 @@ from .reconcile.shards import PlanSettings
 @dataclass(frozen=True)
 class OperatorSettings:
     artifact_dir: Path
+    file_roots: tuple[Path, ...] = ()  # directories a FleetJob's file:// model or input may be read from
     kubeconfig: str | None = None
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     metrics_host: str = "127.0.0.1"
