@@ -136,3 +136,32 @@ def crds_installed(cluster: Cluster) -> Cluster:
             raise RuntimeError("the controller-manager made no default ServiceAccount within 60 s")
         time.sleep(0.5)
     return cluster
+
+
+def _car_names(cluster: Cluster, kind: str) -> set[str]:
+    selector = ["-l", "fleetlet.io/vehicle=true"] if kind == "nodes" else []
+    proc = cluster.kubectl("get", kind, *selector, "-o", "name", check=False)
+    return set(proc.stdout.split()) if proc.returncode == 0 else set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_leaves_no_cars(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module that ran a shim removes the car Nodes and VehicleNodes it made when it ends.
+
+    Modules share the session's control plane, and the shim keeps a car's Node when it stops (a restarted shim
+    must find it). Left behind, a stopped module's Nodes stay Ready for the node-monitor grace period (the
+    scheduler may bind the next module's pods to them) and then NotReady: once more than 55 % of the Nodes in a zone
+    are NotReady, the node lifecycle controller stops tainting NoExecute in that zone (its zone-disruption guard),
+    and pods bound to dead Nodes are never evicted. Only objects this module created are deleted, so running the
+    suites against a kind cluster (FLEETLET_TEST_KUBECONFIG) removes nothing of anyone else's."""
+    if "cluster" not in request.fixturenames and not request.module.__name__.startswith(("tests.integration",
+                                                                                          "tests.e2e")):
+        yield
+        return
+    cluster: Cluster = request.getfixturevalue("cluster")
+    before = {kind: _car_names(cluster, kind) for kind in ("nodes", "vehiclenodes.fleetlet.io")}
+    yield
+    for kind, names in before.items():
+        made = sorted(_car_names(cluster, kind) - names)
+        if made:
+            cluster.kubectl("delete", "--wait=false", "--ignore-not-found", *made, check=False)

@@ -27,13 +27,14 @@ from fleetlet.cli.local import (
     ComponentHandle,
     ShimHandle,
     apply_objects,
+    ensure_namespace,
     launch_operator,
     launch_shim,
     vehiclenodes,
 )
 from tests.conftest import Cluster, until
 
-NS = "default"
+NS = "fleetlet-e2e"  # the jobs' own namespace: nothing another suite left in "default" can answer for them
 LONG = 200  # copies of the digits in the long input (about 15,000 items/s per car at batch 1)
 
 
@@ -101,6 +102,9 @@ async def start_system(cluster: Cluster, work: Path, prefix: str, cars: int, see
                        ) -> tuple[System, SimFleetHarness]:
     bodies = lend_any_time(vehiclenodes(cars, seed=seed, prefix=prefix))
     apply_objects(cluster, bodies)
+    ensure_namespace(cluster, NS)
+    await until(f"the controller-manager made {NS}'s default ServiceAccount (pods need it)",
+                lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", NS, check=False).returncode == 0, 60)
     shim = await asyncio.to_thread(launch_shim, cluster, work / "shim", lease_renew_s=5.0)
     operator = await asyncio.to_thread(launch_operator, cluster, work / "operator", artifact_dir=shim.artifact_dir,
                                        extra_args=["--unreachable-toleration-seconds", "30"])

@@ -3,6 +3,7 @@ shown with their printer columns, and invalid ones are refused at admission with
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -142,3 +143,28 @@ def test_status_is_a_subresource(crds_installed: Cluster) -> None:
         "-p", json.dumps({"status": {"phase": "Exploded"}}), check=False,
     )
     assert bad.returncode != 0 and "status.phase" in bad.stderr
+
+
+def test_a_fleetjobs_planned_fields_cannot_change_but_its_knobs_can(crds_installed: Cluster) -> None:
+    body = fleetjob_body("immutable-probe")
+    _apply(crds_installed, body)
+    for path, value in (("spec.input", {"uri": "fleetlet://artifacts/other.npy", "items": 1000}),
+                        ("spec.shardSize", 7), ("spec.verification", {"replicas": 2, "quorum": 2}),
+                        ("spec.output", {"uri": "fleetlet://results/x"})):
+        proc = _apply(crds_installed, with_field(copy.deepcopy(body), path, value), check=False)
+        assert proc.returncode != 0, f"{path} changed under an existing FleetJob"
+        assert "cannot change once a FleetJob exists" in proc.stderr, proc.stderr
+    # The knobs a user turns while a job runs.
+    knobs = with_field(with_field(body, "spec.parallelism", 3), "spec.suspend", True)
+    _apply(crds_installed, with_field(knobs, "spec.deadlineSeconds", 600))
+    got = json.loads(crds_installed.kubectl("get", "fj", "immutable-probe", "-o", "json").stdout)["spec"]
+    assert (got["parallelism"], got["suspend"], got["deadlineSeconds"], got["shardSize"]) == (3, True, 600, 256)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup(crds_installed: Cluster) -> Any:
+    """Leave nothing behind for the suites that run after this one on the same control plane (the examples apply
+    a FleetJob named ``digits`` in ``default``, and VehicleNodes)."""
+    yield
+    crds_installed.kubectl("delete", "-f", str(EXAMPLES), "--ignore-not-found", "--wait=false", check=False)
+    crds_installed.kubectl("delete", "fleetjobs", "--all", "-n", "default", "--wait=false", check=False)

@@ -125,6 +125,20 @@ class FleetJobSpec(ApiModel):
                     "placement.acceleratorTypes must name at least one type when resources.accelerator > 0",
                     ".placement.acceleratorTypes",
                 ),
+                # A transition rule: checked on updates only. The shards, their ledger and the results already
+                # accepted were planned from these fields; changing one under a running or finished job would
+                # mix two jobs in one output. parallelism, suspend, retries, deadlineSeconds, budget and priority
+                # may change at any time.
+                cel(
+                    "self.model == oldSelf.model && self.input == oldSelf.input"
+                    " && self.shardSize == oldSelf.shardSize && self.resources == oldSelf.resources"
+                    " && self.placement == oldSelf.placement && self.verification == oldSelf.verification"
+                    " && has(self.output) == has(oldSelf.output)"
+                    " && (!has(self.output) || self.output == oldSelf.output)",
+                    "model, input, shardSize, resources, placement, verification and output cannot change once a"
+                    " FleetJob exists (its shards were planned from them): create a FleetJob with a new name,"
+                    " or delete this one first",
+                ),
             ]
         }
     })
