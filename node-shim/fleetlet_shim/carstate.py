@@ -34,7 +34,7 @@ from fleetlet.policy import CarPolicy, evaluate
 from . import nodespec
 from .cars import Car, CarRegistry
 from .interfaces import CarChannel
-from .kube import ShimApi
+from .kube import ShimApi, project_node
 from .metrics import ShimMetrics
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,17 @@ class CarStateController:
         self.events = events
         self.metrics = metrics
         self._on_conditions = on_conditions
+        # car -> (resourceVersion our last write was made against, the Node our write returned). The next sync
+        # often runs before the informer has seen our own write (the VehicleNode status write it set off echoes
+        # back first): reading the informer's Node then would redo the write against a stale resourceVersion
+        # and pay a 409, a GET and a retry for nothing. Dropped once the informer moves past that version.
+        self._written: dict[str, tuple[str, dict[str, Any]]] = {}
 
     async def sync(self, name: str) -> Requeue | None:
         car = self.registry.get(name)
         rules = self.registry.rules(name)
         if car is None or rules is None:
+            self._written.pop(name, None)
             return None
         if car.connected and car.policy_generation_sent != rules.generation:
             msg = OwnerPolicy(policy=rules.policy, paused=rules.paused, generation=rules.generation)
@@ -80,7 +86,7 @@ class CarStateController:
                 raise Retry("the car's link is busy; its owner's rules are sent again shortly", delay=1.0)
             car.policy_generation_sent = rules.generation
         now = datetime.now(UTC)
-        node = self.nodes.get(name)
+        node = self._freshest(name, self.nodes.get(name))
         before = car.policy
         policy = evaluate_car(self.registry, car, now, node)
         car.policy = policy
@@ -93,6 +99,17 @@ class CarStateController:
         if policy.next_check_at is not None:
             return Requeue(after=max(0.5, (policy.next_check_at - now).total_seconds()))
         return None
+
+    def _freshest(self, name: str, cached: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The informer's Node, or the one our last write returned while the informer still shows the version
+        that write replaced."""
+        mine = self._written.get(name)
+        if mine is None or cached is None:
+            return cached
+        if cached["metadata"].get("resourceVersion") == mine[0]:
+            return mine[1]
+        del self._written[name]  # the informer has our write, or something newer
+        return cached
 
     async def _write_node(self, name: str, node: dict[str, Any], policy: CarPolicy, now: datetime) -> None:
         for attempt in range(3):
@@ -114,8 +131,8 @@ class CarStateController:
                     and want_cordon == cordoned):
                 return
             try:
-                await self.api.patch_node(name, node["metadata"]["resourceVersion"], label_patch, annotation_patch,
-                                          taints, want_cordon)
+                written = await self.api.patch_node(name, node["metadata"]["resourceVersion"], label_patch,
+                                                    annotation_patch, taints, want_cordon)
             except ApiError as exc:
                 if exc.conflict and attempt < 2:
                     node = await self.api.get_node(name)  # someone wrote the Node meanwhile: read it again
@@ -125,6 +142,7 @@ class CarStateController:
                     return  # the Node is gone; the node controller registers it again with these taints
                 raise
             self.metrics.taint_writes.inc()
+            self._written[name] = (node["metadata"]["resourceVersion"], project_node(written))
             keys = ",".join(t.key.removeprefix("fleetlet.io/") for t in policy.taints) or "none"
             log.info("car %s: Node taints now %s%s", name, keys, " (cordoned)" if want_cordon else "")
             return

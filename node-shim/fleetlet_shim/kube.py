@@ -15,7 +15,9 @@ What it must never do: decide anything (controllers decide; this module only car
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -103,12 +105,52 @@ def project_vehiclenode(vn: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class UrgentWrites:
+    """Which writes go first when the API server is the bottleneck.
+
+    The API server queues all of the shim's requests in one flow (one user), first come first served. When 500
+    cars change state at once, their taint writes and final pod statuses (what the scheduler and the user must see
+    within seconds) would wait behind the steady stream of Lease renewals (200 a second at 5,000 cars), which can
+    wait: a Lease stays valid for its duration, several seconds longer than the renewal interval. So urgent writes
+    are counted while in flight, and routine writers call ``quiet`` first, which returns when no urgent write is
+    in flight, or after ``max_wait_s`` at most."""
+
+    def __init__(self) -> None:
+        self._in_flight = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self.deferred = 0  # routine writes that waited (a counter for tests and metrics)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        self._in_flight += 1
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._quiet.set()
+
+    async def quiet(self, max_wait_s: float) -> None:
+        if self._in_flight == 0 or max_wait_s <= 0:
+            return
+        self.deferred += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quiet.wait(), max_wait_s)
+
+
 class ShimApi:
     """The shim's API calls. One instance per process, sharing one ``KubeClient`` (and its connection pool)."""
 
     def __init__(self, kube: KubeClient, namespace: str) -> None:
         self.kube = kube
         self.namespace = namespace
+        self.urgent = UrgentWrites()
 
     # ---- informers -----------------------------------------------------------------------------------------
 
@@ -155,8 +197,9 @@ class ShimApi:
         if annotations:
             meta["annotations"] = annotations
         body = {"metadata": meta, "spec": {"taints": taints, "unschedulable": unschedulable or None}}
-        return await self.kube.patch(resource_path("v1", "nodes", name=name), body, content_type=MERGE,
-                                     fieldManager=FIELD_MANAGER)
+        async with self.urgent.hold():  # the scheduler and the taint-eviction controller act on it
+            return await self.kube.patch(resource_path("v1", "nodes", name=name), body, content_type=MERGE,
+                                         fieldManager=FIELD_MANAGER)
 
     @uses("", "nodes", "get")
     async def get_node(self, name: str) -> dict[str, Any]:
@@ -186,10 +229,17 @@ class ShimApi:
     # ---- pods ----------------------------------------------------------------------------------------------
 
     @uses("", "pods/status", "patch")
-    async def patch_pod_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> None:
+    async def patch_pod_status(self, namespace: str, name: str, uid: str, status: dict[str, Any],
+                               urgent: bool = False) -> None:
+        """``urgent``: a pod's end (the operator reschedules its shard on it), not a progress report."""
         # The uid in the patch makes it a precondition: a new pod that took the old one's name is never touched.
         body = {"metadata": {"uid": uid}, "status": status}
-        await self.kube.patch(resource_path("v1", "pods", namespace, name, "status"), body, content_type=STRATEGIC)
+        path = resource_path("v1", "pods", namespace, name, "status")
+        if not urgent:
+            await self.kube.patch(path, body, content_type=STRATEGIC)
+            return
+        async with self.urgent.hold():
+            await self.kube.patch(path, body, content_type=STRATEGIC)
 
     @uses("", "pods", "delete")
     async def finish_pod_deletion(self, namespace: str, name: str, uid: str) -> None:

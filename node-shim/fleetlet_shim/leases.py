@@ -37,6 +37,12 @@ class LeaseController:
         self._due[car] = time.monotonic() + delay_s
         return delay_s
 
+    def _max_deferral_s(self, early_s: float) -> float:
+        """How long a renewal may wait for urgent writes: at most 3 s, and never into the last third of the slack
+        between the renewal interval and the lease duration."""
+        slack = self.settings.lease_duration_s - self.settings.lease_renew_interval_s
+        return max(0.0, min(3.0, slack / 3 + min(early_s, 0.0)))
+
     async def sync(self, name: str) -> Requeue | None:
         car = self.registry.get(name)
         node = self.nodes.get(name)
@@ -55,6 +61,8 @@ class LeaseController:
         if due - now > 0.05:
             return Requeue(after=due - now)  # an early wake-up (a duplicate enqueue): keep the car's phase
         node_uid = node["metadata"].get("uid")
+        # Let a burst of urgent writes (cars that started driving) go first; the Lease has room to be late.
+        await self.api.urgent.quiet(self._max_deferral_s(due - now))
         try:
             await self.api.renew_lease(name, node_uid, self.settings.lease_duration_s, datetime.now(UTC),
                                        exists=car.lease_exists)

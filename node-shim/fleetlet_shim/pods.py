@@ -183,7 +183,8 @@ class PodController:
     async def _write(self, key: str, pod: dict[str, Any], uid: str, pending: _Pending, car: Car | None) -> bool:
         meta = pod["metadata"]
         try:
-            await self.api.patch_pod_status(meta["namespace"], meta["name"], uid, pending.status)
+            await self.api.patch_pod_status(meta["namespace"], meta["name"], uid, pending.status,
+                                            urgent=pending.final)
         except ApiError as exc:
             if exc.not_found or exc.conflict or exc.status == 422:  # gone or replaced by a pod of the same name
                 self._pending.pop(uid, None)

@@ -4,7 +4,9 @@ the revocation list it reads, and how log lines survive resends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -240,3 +242,36 @@ def test_the_revocation_list_is_parsed_forgivingly() -> None:
                                                 "serials": "1A2B\nserial=ff:01\nnot-hex\n"}})
     assert cars == {"car-1", "car-2"} and serials == {0x1A2B, 0xFF01}
     assert parse_revocations(None) == (set(), set())
+
+
+async def test_routine_writes_wait_for_urgent_ones_but_never_longer_than_allowed() -> None:
+    gate = kube.UrgentWrites()
+    t0 = time.monotonic()
+    await gate.quiet(5.0)  # nothing urgent in flight: no wait at all
+    assert time.monotonic() - t0 < 0.05 and gate.deferred == 0
+
+    release = asyncio.Event()
+
+    async def urgent_write() -> None:
+        async with gate.hold():
+            await release.wait()
+
+    task = asyncio.create_task(urgent_write())
+    await asyncio.sleep(0)
+    assert gate.in_flight == 1
+    waiter = asyncio.create_task(gate.quiet(5.0))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # a Lease renewal holds back while a taint write is in flight
+    release.set()
+    await asyncio.wait_for(waiter, 1.0)  # and goes as soon as it is done
+    await task
+    assert gate.in_flight == 0 and gate.deferred == 1
+
+    stuck = asyncio.create_task(urgent_write())
+    release.clear()
+    await asyncio.sleep(0)
+    t0 = time.monotonic()
+    await gate.quiet(0.2)  # urgent writes that never end cannot starve the Lease past its deferral
+    assert 0.15 < time.monotonic() - t0 < 1.0
+    release.set()
+    await stuck
