@@ -33,6 +33,9 @@ def rounded(telemetry: dict[str, Any]) -> dict[str, Any]:
             for k, v in telemetry.items()}
 
 
+MIRROR_DEFERRAL_S = 2.0  # how long a VehicleNode status write waits for urgent writes in flight, at most
+
+
 class TelemetryMirror:
     def __init__(self, api: ShimApi, registry: CarRegistry, settings: ShimSettings, metrics: ShimMetrics) -> None:
         self.api = api
@@ -75,6 +78,9 @@ class TelemetryMirror:
         elapsed = time.monotonic() - self._written_at.get(name, 0.0)
         if written is not None and not urgent and elapsed < self.settings.telemetry_min_interval_s:
             return Requeue(after=self.settings.telemetry_min_interval_s - elapsed)
+        # The mirror is for people and the operator; the scheduler reads the Node. When cars change state in a
+        # burst, their taint writes go first (the status is written at most a couple of seconds later).
+        await self.api.urgent.quiet(MIRROR_DEFERRAL_S)
         self._urgent.discard(name)
         try:
             await self.api.patch_vehiclenode_status(name, status)
