@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import follow, histogram_quantile, proc_cpu_seconds, proc_rss_mib
 from fleetlet_car.link import CarLink, CarLinkConfig, Command, car_ssl_context
 from fleetlet_car.reflex import SafetyReflex
 from fleetlet_car.sim import SimulatedFleet, SimulatedVehicle, make_vehicle_specs
@@ -65,7 +66,7 @@ from fleetlet.api.v1alpha1 import taints as tk
 from fleetlet.api.v1alpha1.shard import ShardAssignment, ShardResources
 from fleetlet.carlink.protocol import Ack, Assign, Capacity, ContainerState, PodStatus, Stop
 from fleetlet.cli.local import ShimHandle, apply_objects, start_shim, vehiclenodes
-from fleetlet.kube import ApiError, KubeClient, KubeConfig, resource_path
+from fleetlet.kube import KubeClient, KubeConfig, resource_path
 from fleetlet.localcluster import LocalCluster
 
 RESULTS = Path(__file__).resolve().parent / "results" / "carstate.json"
@@ -77,38 +78,6 @@ DIGEST = "c" * 64
 # latency this benchmark measures; a niced busy loop is starved instead, and its reaping measures the scheduler).
 LIGHT_CHILD = "import sys, time; sys.stdout.write('r'); sys.stdout.flush()\nwhile True: time.sleep(0.001)"
 MUTATING = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
-
-
-# ---- /proc and Prometheus helpers (as bench_shim.py's; kept here so the two benchmarks change independently) --
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def histogram_quantile(metrics: dict[str, float], name: str, q: float, labels: str = "",
-                       since: dict[str, float] | None = None) -> float | None:
-    """Upper bucket bound holding quantile ``q`` of the observations after the ``since`` scrape."""
-    buckets = []
-    for key, value in metrics.items():
-        if key.startswith(name + "_bucket{") and labels in key:
-            le = key.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), value - (since or {}).get(key, 0.0)))
-    buckets.sort()
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    return next((le for le, count in buckets if count >= q * buckets[-1][1]), None)
-
-
-# ---- the watcher: a separate process, so its timestamps do not wait on the cars' event loop ----------------------
 
 
 def watcher_main(kubeconfig: str, conn: Any, stop: Any) -> None:
@@ -139,28 +108,12 @@ async def _watch(kubeconfig: str, conn: Any, stop: Any) -> None:
         if obj["metadata"].get("deletionTimestamp"):
             evicted.setdefault(car, now)
 
-    async def follow(path: str, params: dict[str, str], handle: Any, synced: asyncio.Event) -> None:
-        while True:
-            listed = await kube.list(path, **params)
-            for obj in listed["items"]:
-                handle("ADDED", obj)
-            synced.set()
-            rv = listed["metadata"]["resourceVersion"]
-            try:
-                while True:
-                    async for ev in kube.watch(path, rv, **params):
-                        rv = ev.object["metadata"]["resourceVersion"]
-                        if ev.type != "BOOKMARK":
-                            handle(ev.type, ev.object)
-            except ApiError:
-                continue  # 410: relist
-
     async with KubeClient(KubeConfig.load(kubeconfig)) as kube:
         synced_nodes, synced_pods = asyncio.Event(), asyncio.Event()
         tasks = [
-            asyncio.create_task(follow(resource_path("v1", "nodes"), {"labelSelector": f"{tk.LABEL_VEHICLE}=true"},
+            asyncio.create_task(follow(kube, resource_path("v1", "nodes"), {"labelSelector": f"{tk.LABEL_VEHICLE}=true"},
                                        lambda kind, obj: node(obj), synced_nodes)),
-            asyncio.create_task(follow(resource_path("v1", "pods", NS), {"labelSelector": f"{POD_LABEL}=true"},
+            asyncio.create_task(follow(kube, resource_path("v1", "pods", NS), {"labelSelector": f"{POD_LABEL}=true"},
                                        pod, synced_pods)),
         ]
         await synced_nodes.wait()

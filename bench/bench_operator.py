@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import follow
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "operator.json"
@@ -316,7 +317,7 @@ def watcher_main(kubeconfig: str, namespace: str, conn: Any, stop: Any) -> None:
 
 
 async def _watch_pods(kubeconfig: str, namespace: str, conn: Any, stop: Any) -> None:
-    from fleetlet.kube import ApiError, KubeClient, KubeConfig, resource_path
+    from fleetlet.kube import KubeClient, KubeConfig, resource_path
 
     pods: dict[str, dict[str, Any]] = {}
 
@@ -371,26 +372,7 @@ async def _watch_pods(kubeconfig: str, namespace: str, conn: Any, stop: Any) -> 
         params = {"labelSelector": LABEL_JOB_UID}
         synced = asyncio.Event()
 
-        async def follow() -> None:
-            while True:
-                listed = await kube.list(path, **params)
-                for obj in listed["items"]:
-                    handle("ADDED", obj)
-                synced.set()
-                rv = listed["metadata"]["resourceVersion"]
-                try:
-                    while True:
-                        async for ev in kube.watch(path, rv, **params):
-                            rv = ev.object["metadata"]["resourceVersion"]
-                            if ev.type != "BOOKMARK":
-                                handle(ev.type, ev.object)
-                except ApiError:
-                    continue  # 410: relist
-                except Exception as exc:  # noqa: BLE001 - a transport hiccup: resume
-                    print(f"watcher: {exc!r}", file=sys.stderr, flush=True)
-                    await asyncio.sleep(0.5)
-
-        task = asyncio.create_task(follow())
+        task = asyncio.create_task(follow(kube, path, params, handle, synced, "pod watcher"))
         await synced.wait()
         conn.send("synced")
         while not stop.is_set():

@@ -39,6 +39,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchlib import histogram_quantile, proc_cpu_seconds, proc_rss_mib
 from fleetlet_car.link import CarLink, CarLinkConfig, car_ssl_context
 
 from fleetlet.carlink.protocol import Capacity
@@ -47,38 +48,6 @@ from fleetlet.localcluster import LocalCluster
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shim.json"
 CRDS = Path(__file__).resolve().parent.parent / "crds"
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def histogram_quantile(metrics: dict[str, float], name: str, q: float, labels: str = "",
-                       since: dict[str, float] | None = None) -> float | None:
-    """Upper bucket bound holding quantile ``q``; with ``since``, of the observations after that scrape only."""
-    buckets = []
-    for key, value in metrics.items():
-        if key.startswith(name + "_bucket{") and labels in key:
-            le = key.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), value - (since or {}).get(key, 0.0)))
-    if not buckets:
-        return None
-    buckets.sort()
-    total = buckets[-1][1]
-    if total == 0:
-        return None
-    for le, count in buckets:
-        if count >= q * total:
-            return le
-    return None
 
 
 def writes(metrics: dict[str, float]) -> float:

@@ -32,7 +32,6 @@ import contextlib
 import json
 import multiprocessing
 import random
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -56,6 +55,7 @@ from bench_operator import (
     versions,
     vn_bodies,
 )
+from benchlib import follow
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 
@@ -68,7 +68,7 @@ def node_watcher_main(kubeconfig: str, conn: Any, stop: Any) -> None:
 
 
 async def _watch_nodes(kubeconfig: str, conn: Any, stop: Any) -> None:
-    from fleetlet.kube import ApiError, KubeClient, KubeConfig, resource_path
+    from fleetlet.kube import KubeClient, KubeConfig, resource_path
 
     ready: dict[str, str] = {}  # node -> Ready status as last seen
     transitions: list[dict[str, Any]] = []  # Ready leaving True (or coming back), after arming
@@ -94,26 +94,7 @@ async def _watch_nodes(kubeconfig: str, conn: Any, stop: Any) -> None:
         params = {"labelSelector": "fleetlet.io/vehicle=true"}
         synced = asyncio.Event()
 
-        async def follow() -> None:
-            while True:
-                listed = await kube.list(path, **params)
-                for obj in listed["items"]:
-                    handle("ADDED", obj)
-                synced.set()
-                rv = listed["metadata"]["resourceVersion"]
-                try:
-                    while True:
-                        async for ev in kube.watch(path, rv, **params):
-                            rv = ev.object["metadata"]["resourceVersion"]
-                            if ev.type != "BOOKMARK":
-                                handle(ev.type, ev.object)
-                except ApiError:
-                    continue
-                except Exception as exc:  # noqa: BLE001 - resume after a transport hiccup
-                    print(f"node watcher: {exc!r}", file=sys.stderr, flush=True)
-                    await asyncio.sleep(0.5)
-
-        task = asyncio.create_task(follow())
+        task = asyncio.create_task(follow(kube, path, params, handle, synced, "node watcher"))
         await synced.wait()
         conn.send("synced")
         while not stop.is_set():

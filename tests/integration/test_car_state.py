@@ -38,10 +38,8 @@ from fleetlet.api.v1alpha1 import Telemetry, VehicleNodeSpec
 from fleetlet.api.v1alpha1 import taints as tk
 from fleetlet.api.v1alpha1.shard import ShardAssignment, ShardResources
 from fleetlet.api.v1alpha1.vehiclenode import Policy
-from fleetlet.artifacts import BlobStore
 from fleetlet.cli.local import ShimHandle, apply_objects, start_shim, vehiclenodes
 from fleetlet.kube import ApiError, KubeClient, KubeConfig, resource_path
-from fleetlet.models.digits import DigitsArtifacts, build_digits
 from fleetlet.policy import CarPolicy, evaluate
 from tests.conftest import until
 from tests.integration.conftest import Cluster
@@ -156,24 +154,6 @@ async def nodes(crds_installed: Cluster) -> AsyncIterator[NodeLog]:
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsArtifacts:
-    return build_digits(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def shards(shim: ShimHandle, digits: DigitsArtifacts, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The digits model and two inputs in the shim's store: 300 items (a second or two) and ~30 s of work."""
-    store = BlobStore(shim.artifact_dir)
-    inputs = np.load(digits.inputs_path)
-    tmp = tmp_path_factory.mktemp("shards")
-    short, long = tmp / "short.npy", tmp / "long.npy"
-    np.save(short, inputs[:300])
-    np.save(long, np.tile(inputs, (300, 1)))
-    return {"model": store.put_file(digits.model_path), "short": store.put_file(short), "short_items": 300,
-            "long": store.put_file(long), "long_items": 300 * len(inputs)}
 
 
 def car_bodies(names: tuple[str, ...], seed: int, **policy: Any) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from fleetlet.api.v1alpha1 import VehicleNodeSpec
 from fleetlet.api.v1alpha1.shard import ShardAssignment
 from fleetlet.artifacts import BlobStore
 from fleetlet.cli.local import ShimHandle, apply_objects, start_shim, vehiclenodes
-from fleetlet.models.digits import DigitsArtifacts, build_digits, predict_onnx
+from fleetlet.models.digits import DigitsArtifacts, predict_onnx
 from tests.conftest import until
 from tests.integration.conftest import Cluster
 
@@ -36,27 +36,6 @@ NS = "default"
 @pytest.fixture(scope="module")
 def shim(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShimHandle]:
     yield from start_shim(crds_installed, tmp_path_factory.mktemp("shim-pods"))
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsArtifacts:
-    return build_digits(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def shards(shim: ShimHandle, digits: DigitsArtifacts, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The model and two input shards in the shim's artifact store: a short one and a long one (~30 s at batch 1)."""
-    store = BlobStore(shim.artifact_dir)
-    inputs = np.load(digits.inputs_path)
-    tmp = tmp_path_factory.mktemp("shards")
-    short, long = tmp / "short.npy", tmp / "long.npy"
-    np.save(short, inputs[:300])
-    np.save(long, np.tile(inputs, (300, 1)))
-    return {
-        "model": store.put_file(digits.model_path),
-        "short": store.put_file(short), "short_items": 300, "short_inputs": inputs[:300],
-        "long": store.put_file(long), "long_items": 300 * len(inputs),
-    }
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
