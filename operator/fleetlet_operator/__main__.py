@@ -15,6 +15,7 @@ import kopf
 
 from . import handlers
 from .app import OperatorApp
+from .reconcile.shards import PlanSettings
 from .settings import OperatorSettings
 
 
@@ -35,6 +36,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--create-concurrency", type=int, default=32, help="pod creations in flight per reconcile")
     p.add_argument("--unreachable-toleration-seconds", type=int, default=120,
                    help="how long a shard waits for a car whose link dropped before it resumes elsewhere")
+    p.add_argument("--lost-car-slack-seconds", type=int, default=60,
+                   help="a shard on a car whose link has been down for the unreachable toleration plus this long "
+                        "resumes elsewhere even if Kubernetes has not evicted it (the node lifecycle controller "
+                        "stops evicting in a zone where most Nodes are NotReady); -1: rely on Kubernetes alone")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         namespaces=tuple(args.namespace), metrics_host=host or "127.0.0.1", metrics_port=int(port),
         job_workers=args.job_workers, kopf_workers=args.kopf_workers, create_concurrency=args.create_concurrency,
         unreachable_toleration_s=args.unreachable_toleration_seconds,
+        plan=PlanSettings(lost_car_s=args.unreachable_toleration_seconds + args.lost_car_slack_seconds
+                          if args.lost_car_slack_seconds >= 0 else None),
     )
 
     registry = kopf.OperatorRegistry()

@@ -49,8 +49,9 @@ class OperatorApp:
         self.api = OperatorApi(self.kube)
         self.pods = self.api.pod_informer()
         self.vehiclenodes = self.api.vehiclenode_informer()
+        self.car_nodes = self.api.car_node_informer()
         self.vehicles = VehicleController(self.api, self.vehiclenodes, self.pods, self.metrics,
-                                          workers=settings.vehicle_workers)
+                                          workers=settings.vehicle_workers, nodes=self.car_nodes)
         self.artifacts = JobArtifacts(BlobStore(settings.artifact_dir), file_roots=settings.file_roots)
         self.events = EventRecorder(self.api, self.metrics, component="fleetlet-operator",
                                     instance=socket.gethostname(), observer=self.metrics)
@@ -63,9 +64,9 @@ class OperatorApp:
     async def start(self) -> None:
         await self.kube.open()
         await self._serve_metrics()
-        for informer in (self.vehiclenodes, self.pods):
+        for informer in (self.vehiclenodes, self.car_nodes, self.pods):
             self._tasks.append(asyncio.create_task(informer.run(), name=f"informer-{informer.name}"))
-        for informer in (self.vehiclenodes, self.pods):
+        for informer in (self.vehiclenodes, self.car_nodes, self.pods):
             await asyncio.wait_for(informer.synced.wait(), 120)
         for ctl in (self.vehicles.controller, self.jobs.controller, self.events.controller):
             self._tasks.append(asyncio.create_task(ctl.run(), name=f"controller-{ctl.name}"))

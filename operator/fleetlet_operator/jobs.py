@@ -310,6 +310,8 @@ class JobController:
         if decided.creates:
             await self._create(job, state, decided.creates)
         await self._delete(meta.namespace, decided.deletes)
+        if decided.force_deletes:
+            await self._delete(meta.namespace, decided.force_deletes, grace_period_s=0)
 
     async def _create(self, job: FleetJob, state: _Job, creates: list[PodCreate]) -> None:
         spec = job.spec
@@ -341,12 +343,12 @@ class JobController:
         if errors:
             raise Retry(f"{len(errors)} of {len(creates)} shard pods were not created: {errors[0]}")
 
-    async def _delete(self, namespace: str, names: list[str]) -> None:
+    async def _delete(self, namespace: str, names: list[str], grace_period_s: int | None = None) -> None:
         gate = asyncio.Semaphore(self.settings.create_concurrency)
 
         async def one(name: str) -> None:
             async with gate:
-                await self.api.delete_pod(namespace, name)
+                await self.api.delete_pod(namespace, name, grace_period_s)
                 self.metrics.pods_deleted.inc()
 
         results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 from fleetlet.api.v1alpha1.meta import API_VERSION
 from fleetlet.api.v1alpha1.shard import ANNOTATION, PROGRESS_CONDITION
+from fleetlet.api.v1alpha1.taints import LABEL_VEHICLE
 from fleetlet.kube import ApiError, Informer, KubeClient, resource_path
 from fleetlet.kube.client import MERGE
 from fleetlet.kube.events import write_event
@@ -72,6 +73,17 @@ def project_vehiclenode(vn: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def project_node(node: dict[str, Any]) -> dict[str, Any]:
+    """A car's Node: only whether it is Ready, and since when (the planner's lost-car fallback)."""
+    meta = node.get("metadata", {})
+    conditions = (node.get("status") or {}).get("conditions") or []
+    return {
+        "metadata": {k: meta[k] for k in ("name", "resourceVersion") if k in meta},
+        "status": {"conditions": [{k: c[k] for k in ("type", "status", "lastTransitionTime") if k in c}
+                                  for c in conditions if c.get("type") == "Ready"]},
+    }
+
+
 class OperatorApi:
     def __init__(self, kube: KubeClient) -> None:
         self.kube = kube
@@ -85,6 +97,12 @@ class OperatorApi:
     @uses("fleetlet.io", "vehiclenodes", "list", "watch")
     def vehiclenode_informer(self) -> Informer:
         return Informer(self.kube, VEHICLENODES, name="vehiclenodes", transform=project_vehiclenode)
+
+    @uses("", "nodes", "list", "watch")
+    def car_node_informer(self) -> Informer:
+        """Car Nodes only (label ``fleetlet.io/vehicle``), trimmed to their Ready condition."""
+        return Informer(self.kube, resource_path("v1", "nodes"), name="car-nodes", transform=project_node,
+                        labelSelector=f"{LABEL_VEHICLE}=true")
 
     # ---- shard pods ----------------------------------------------------------------------------------------
 
@@ -101,10 +119,11 @@ class OperatorApi:
             raise
 
     @uses("", "pods", "delete")
-    async def delete_pod(self, namespace: str, name: str) -> None:
-        """Delete gracefully (the car stops at a checkpoint); gone already is fine."""
+    async def delete_pod(self, namespace: str, name: str, grace_period_s: int | None = None) -> None:
+        """Delete gracefully (the car stops at a checkpoint), or with ``grace_period_s=0`` a pod on a car that is
+        gone (no kubelet is left to confirm); gone already is fine."""
         try:
-            await self.kube.delete(resource_path("v1", "pods", namespace, name))
+            await self.kube.delete(resource_path("v1", "pods", namespace, name), grace_period_s=grace_period_s)
         except ApiError as exc:
             if not exc.not_found:
                 raise

@@ -8,7 +8,10 @@
   result extends the car's run of valid results; an invalid one resets it, and the car becomes *untrusted* (the
   shim then taints it ``fleetlet.io/untrusted``: no more work) when it alone produced the rejected result, or at its
   second rejected result (a car that resumed from a liar's checkpoint is not condemned on that alone).
-- ``cars()`` is the view verification reads (owner, run of valid results, untrusted), kept from the informer.
+- ``cars()`` is the view the planner reads (owner, run of valid results, untrusted, and since when its Node has
+  not been Ready), kept from the VehicleNode and car Node informers. The Node's Ready condition is written by the
+  node lifecycle controller when the shim stops renewing the car's Lease, so it says "lost" even when the shim
+  serving the car is itself gone.
 
 Runs as one ``Controller`` over keys ``<car>`` (finalizer, drain) and ``trust/<car>``; no per-object timers.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,12 +39,16 @@ TRUST_PREFIX = "trust/"
 
 class VehicleController:
     def __init__(self, api: OperatorApi, vehiclenodes: Informer, pods: Informer, metrics: OperatorMetrics,
-                 *, workers: int, on_untrusted: Callable[[str], None] | None = None) -> None:
+                 *, workers: int, nodes: Informer | None = None,
+                 on_untrusted: Callable[[str], None] | None = None) -> None:
         self.api = api
         self.vehiclenodes = vehiclenodes
         self.pods = pods
         self.metrics = metrics
         self._cars: dict[str, CarView] = {}
+        self._lost: dict[str, datetime] = {}  # car -> since when its Node has not been Ready
+        if nodes is not None:
+            nodes.add_handler(self._node_changed)
         self._verdicts: dict[str, list[TrustVerdict]] = defaultdict(list)
         self._on_untrusted = on_untrusted
         pods.add_index("node", lambda p: [p["spec"]["nodeName"]] if p["spec"]["nodeName"] else [])
@@ -65,10 +73,21 @@ class VehicleController:
         obj = change.obj
         trust = obj["status"].get("trust") or {}
         self._cars[name] = CarView(owner=obj["spec"]["owner"]["id"], valid_streak=int(trust.get("validStreak", 0)),
-                                   untrusted=bool(trust.get("untrusted", False)))
+                                   untrusted=bool(trust.get("untrusted", False)), lost_since=self._lost.get(name))
         meta = obj["metadata"]
         if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
             self.controller.enqueue(name)
+
+    def _node_changed(self, change: Change) -> None:
+        name = change.key
+        since = None if change.type == "DELETED" else _not_ready_since(change.obj)
+        if since is None:
+            self._lost.pop(name, None)
+        else:
+            self._lost[name] = since
+        view = self._cars.get(name)
+        if view is not None and view.lost_since != since:
+            self._cars[name] = replace(view, lost_since=since)
 
     async def sync(self, key: str) -> Requeue | None:
         if key.startswith(TRUST_PREFIX):
@@ -143,3 +162,14 @@ class VehicleController:
                                   untrusted=untrusted)
         if untrusted and self._on_untrusted is not None:
             self._on_untrusted(car)
+
+
+def _not_ready_since(node: dict[str, Any]) -> datetime | None:
+    """When the car's Node stopped being Ready (False or Unknown); None while it is Ready or nothing says."""
+    cond = next((c for c in node["status"].get("conditions") or [] if c.get("type") == "Ready"), None)
+    if cond is None or cond.get("status") == "True" or not cond.get("lastTransitionTime"):
+        return None
+    try:
+        return datetime.fromisoformat(str(cond["lastTransitionTime"]).replace("Z", "+00:00"))
+    except ValueError:
+        return None

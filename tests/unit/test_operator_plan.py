@@ -243,6 +243,31 @@ def test_a_departure_resumes_from_the_checkpoint_in_a_new_attempt_without_spendi
     assert (left.name in out.deletes) == (phase != "Gone")
 
 
+@pytest.mark.parametrize("deleting", [False, True])
+def test_a_pod_on_a_car_lost_past_the_limit_resumes_elsewhere_even_if_kubernetes_never_evicts_it(
+        deleting: bool) -> None:
+    """The node lifecycle controller stops NoExecute tainting in a zone where most Nodes are NotReady; a fleet
+    whose cars drop off together is such a zone, so the planner does not wait for an eviction that never comes."""
+    settings = replace(SETTINGS, lost_car_s=180.0)
+    lost = {**CARS, "car-a": replace(CARS["car-a"], lost_since=T0)}
+    stuck = pod(3, attempt=1, node="car-a", items_done=7, checkpoint=ck(6), resume=ck(2), energy=0.25,
+                deleting=deleting)
+    # Before the limit: nothing happens yet, but the planner asks to look again when the car would be lost.
+    early = run(make_job(retries=0), pods=[stuck], cars=lost, settings=settings, now=T0 + timedelta(seconds=100))
+    assert creates_of(early, 3) == [] and early.force_deletes == [] and early.requeue_after == pytest.approx(80.0)
+    # Past it: a departure like any other, resumed from the checkpoint without a retry; the pod is deleted at once.
+    out = run(make_job(retries=0), pods=[stuck], cars=lost, settings=settings, now=T0 + timedelta(seconds=181))
+    carried = Carried(energy_kwh=0.25, departures=1, cars=("car-a",))
+    assert creates_of(out, 3) == [PodCreate(3, 0, 2, ck(6), carried, cause="departure")]
+    assert out.ledger[3].resume_of(0) == ResumePoint(ck(6), carried, 2)
+    assert out.force_deletes == [stuck.name] and stuck.name not in out.deletes
+    assert [e.reason for e in out.events] == ["CarLost"] and out.failed is None
+    # A connected car, or the fallback switched off: nothing is decided for Kubernetes.
+    for cars, s in ((CARS, settings), (lost, SETTINGS)):
+        quiet = run(make_job(retries=0), pods=[stuck], cars=cars, settings=s, now=T0 + timedelta(days=1))
+        assert creates_of(quiet, 3) == [] and quiet.force_deletes == []
+
+
 def test_a_departure_without_a_newer_checkpoint_resumes_where_the_attempt_started() -> None:
     left = pod(0, attempt=2, phase="Gone", reason=GONE, items_done=4, checkpoint=None, resume=ck(3))
     out = run(pods=[left])

@@ -95,6 +95,7 @@ class CarView:
     owner: str
     valid_streak: int = 0
     untrusted: bool = False
+    lost_since: datetime | None = None  # when its link went down (Connected=False), while it stays down
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +217,9 @@ class Plan:
 
     creates: list[PodCreate] = field(default_factory=list)
     deletes: list[str] = field(default_factory=list)  # pod names
+    # Pods on cars lost for longer than ``lost_car_s``: deleted at once (grace 0), since no kubelet is left to
+    # confirm a graceful deletion; the car, if it comes back, is told to stop them by its shim.
+    force_deletes: list[str] = field(default_factory=list)
     ledger: dict[int, LedgerEntry] = field(default_factory=dict)  # shard -> new entry
     trust: list[TrustVerdict] = field(default_factory=list)
     events: list[JobEvent] = field(default_factory=list)

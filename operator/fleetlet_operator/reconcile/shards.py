@@ -55,6 +55,12 @@ class PlanSettings:
     backoff_cap_s: float = 300.0
     max_creates: int = 500  # per reconcile: status keeps flowing while a big job ramps up
     resync_s: float = 60.0
+    # A pod on a car whose link has been down this long resumes elsewhere even if Kubernetes never evicts it.
+    # The taint-eviction controller normally does (the pods tolerate unreachable for a shorter time), but the
+    # node lifecycle controller stops tainting in a zone where most Nodes are NotReady (its guard against
+    # evicting a datacenter over a network split), and a fleet whose cars go offline together is just that.
+    # None: rely on Kubernetes alone.
+    lost_car_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -358,6 +364,7 @@ class _Shard:
         if point is not None and cur.attempt >= point.next_attempt:
             self.new_entry = self.new_entry.with_resume(r, None)  # the next attempt exists: it carries it now
         if not cur.terminal:
+            self._if_lost(r, cur)
             return
         if cur.phase == "Succeeded":
             car = self.inp.cars.get(cur.node)
@@ -399,6 +406,25 @@ class _Shard:
         if cur.checkpoint != cur.resume and cur.node and cur.node not in carried.cars:
             carried = Carried(carried.energy_kwh, carried.departures, (*carried.cars, cur.node))
         self._create(r, cur.attempt + 1, cur.checkpoint, carried, "failure")
+
+    def _if_lost(self, r: int, cur: PodView) -> None:
+        """A pod whose car has been unreachable for ``lost_car_s`` is a departure: resume from its last
+        checkpoint in a new attempt, and delete it without waiting for a kubelet that is gone."""
+        limit = self.inp.settings.lost_car_s
+        car = self.inp.cars.get(cur.node) if cur.node else None
+        if limit is None or car is None or car.lost_since is None:
+            return
+        left = limit - (self.inp.now - car.lost_since).total_seconds()
+        if left > 0:
+            self.wait = left if self.wait is None else min(self.wait, left)  # look again when it would be lost
+            return
+        carried = cur.carried.then(cur.energy_kwh, cur.node)
+        self.new_entry = self.new_entry.with_resume(r, ResumePoint(cur.checkpoint, carried, cur.attempt + 1))
+        self.out.force_deletes.append(cur.name)
+        self.out.events.append(JobEvent("Warning", "CarLost", f"car {cur.node} has been unreachable since "
+                                        f"{car.lost_since.isoformat(timespec='seconds')}: shard {self.i} "
+                                        f"resumes elsewhere from its last checkpoint"))
+        self._create(r, cur.attempt + 1, cur.checkpoint, carried, "departure")
 
     def _create(self, r: int, attempt: int, resume: ShardCheckpoint | None, carried: Carried,
                 cause: str = "") -> None:
