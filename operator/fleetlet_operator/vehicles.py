@@ -81,6 +81,10 @@ class VehicleController:
     def _node_changed(self, change: Change) -> None:
         name = change.key
         since = None if change.type == "DELETED" else _not_ready_since(change.obj)
+        if since is not None and name in self._lost:
+            # NotReady -> Unknown (the shim said the link closed, then the Lease lapsed) is a new transition of
+            # the same outage: the car has been lost since the first.
+            since = min(since, self._lost[name])
         if since is None:
             self._lost.pop(name, None)
         else:

@@ -49,6 +49,9 @@ def test_a_node_that_stops_being_ready_marks_the_car_lost_since_then_whichever_i
     ctl._node_changed(Change("MODIFIED", "car-1", node("car-1", "Unknown")))
     assert ctl.cars()["car-1"].lost_since == datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
     assert ctl.cars()["car-1"].valid_streak == 3 and ctl.cars()["car-1"].owner == "owner-1"
+    # False (the shim: link closed) then Unknown (the Lease lapsed): one outage, lost since the first.
+    ctl._node_changed(Change("MODIFIED", "car-1", node("car-1", "False", "2026-11-24T10:00:40Z")))
+    assert ctl.cars()["car-1"].lost_since == datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
     # The Node's news came first: the car's VehicleNode, seen later, carries it.
     ctl._node_changed(Change("ADDED", "car-2", node("car-2", "False")))
     ctl._changed(Change("ADDED", "car-2", vehiclenode("car-2")))
