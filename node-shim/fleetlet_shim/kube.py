@@ -58,7 +58,8 @@ def project_node(node: dict[str, Any]) -> dict[str, Any]:
     return {
         "metadata": kept,
         "spec": {"taints": spec.get("taints") or [], "unschedulable": bool(spec.get("unschedulable"))},
-        "status": {"ready": {k: ready.get(k) for k in ("status", "reason", "lastHeartbeatTime")} if ready else None},
+        "status": {"ready": {k: ready.get(k) for k in ("status", "reason", "lastHeartbeatTime", "lastTransitionTime")}
+                   if ready else None},
     }
 
 

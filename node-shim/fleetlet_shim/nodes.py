@@ -98,7 +98,8 @@ class NodeController:
                 if last is None:
                     self._enqueue_lease(name, 0.0)  # a Node this process did not create: renew at once
                 status = nodespec.node_status(vn, endpoint, s.max_pods_per_car, True, "CarConnected",
-                                              "the car's link is up and it reports to this shim", datetime.now(UTC), car.hello.providers)
+                                              "the car's link is up and it reports to this shim", datetime.now(UTC),
+                                              car.hello.providers, previous_ready=node["status"].get("ready"))
                 await self.api.apply_node_status(name, status)
                 self._status_at[name] = now
                 if not ready:
@@ -113,7 +114,7 @@ class NodeController:
             status = nodespec.node_status(
                 vn, endpoint, s.max_pods_per_car, False, "CarLinkLost",
                 f"the car's link closed ({car.disconnect_reason or 'closed'}); its work is being rescheduled",
-                datetime.now(UTC), car.hello.providers)
+                datetime.now(UTC), car.hello.providers, previous_ready=node["status"].get("ready"))
             await self.api.apply_node_status(name, status)
             self.events.record(node_ref(name), "Warning", "CarLinkLost",
                                f"the car's link closed ({car.disconnect_reason or 'closed'})")

@@ -105,20 +105,25 @@ def capacity(vn: VehicleNode, max_pods: int, providers: Sequence[str] = ACCELERA
     return cap
 
 
-def ready_condition(ready: bool, reason: str, message: str, now: datetime) -> dict[str, str]:
+def ready_condition(ready: bool, reason: str, message: str, now: datetime,
+                    previous: dict[str, Any] | None = None) -> dict[str, str]:
+    """The Ready condition; its lastTransitionTime moves only when its status does (``previous``: the Node's
+    current Ready condition), so ``kubectl describe node`` and the operator see when a car really came or went."""
+    status = "True" if ready else "False"
+    since = (previous or {}).get("lastTransitionTime") if (previous or {}).get("status") == status else None
     return {
         "type": "Ready",
-        "status": "True" if ready else "False",
+        "status": status,
         "reason": reason,
         "message": message,
         "lastHeartbeatTime": now_rfc3339(now),
-        "lastTransitionTime": now_rfc3339(now),
+        "lastTransitionTime": since or now_rfc3339(now),
     }
 
 
 def node_status(
     vn: VehicleNode, endpoint: Endpoint, max_pods: int, ready: bool, reason: str, message: str, now: datetime,
-    providers: Sequence[str] = ACCELERATOR_PROVIDERS,
+    providers: Sequence[str] = ACCELERATOR_PROVIDERS, previous_ready: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     name = vn.metadata.name or vn.spec.vehicle_id
     cap = capacity(vn, max_pods, providers)
@@ -132,7 +137,7 @@ def node_status(
     return {
         "capacity": cap,
         "allocatable": cap,
-        "conditions": [ready_condition(ready, reason, message, now), *pressure],
+        "conditions": [ready_condition(ready, reason, message, now, previous_ready), *pressure],
         "addresses": [
             {"type": "InternalIP", "address": endpoint.address},
             {"type": "Hostname", "address": name},

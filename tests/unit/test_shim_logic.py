@@ -205,6 +205,22 @@ def test_a_new_node_is_born_with_the_taints_and_labels_its_first_telemetry_impli
     assert manifest["metadata"]["labels"]["fleetlet.io/soc-band"] == "4"
 
 
+def test_the_ready_conditions_transition_time_moves_only_when_its_status_does() -> None:
+    vn = VehicleNode.model_validate(vehiclenode_body("car-8"))
+    t0, t1 = datetime(2026, 11, 23, 10, tzinfo=UTC), datetime(2026, 11, 23, 10, 5, tzinfo=UTC)
+    end = nodes.Endpoint("10.0.0.9", 10250)
+
+    def ready(status: dict[str, object]) -> dict[str, str]:
+        return next(c for c in status["conditions"] if c["type"] == "Ready")  # type: ignore[attr-defined,index]
+
+    first = ready(nodes.node_status(vn, end, 4, True, "CarConnected", "", t0))
+    again = ready(nodes.node_status(vn, end, 4, True, "CarConnected", "", t1, previous_ready=first))
+    assert again["lastTransitionTime"] == first["lastTransitionTime"] == "2026-11-23T10:00:00Z"
+    assert again["lastHeartbeatTime"] == "2026-11-23T10:05:00Z"
+    lost = ready(nodes.node_status(vn, end, 4, False, "CarLinkLost", "", t1, previous_ready=again))
+    assert lost["lastTransitionTime"] == "2026-11-23T10:05:00Z"
+
+
 def test_a_taint_write_keeps_every_foreign_taint_and_the_time_an_existing_taint_was_added() -> None:
     now = datetime(2026, 11, 23, 10, tzinfo=UTC)
     current = [
