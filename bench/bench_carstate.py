@@ -542,6 +542,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "taint_writes": int(m1.get("fleetlet_shim_taint_writes_total", 0)
                                 - m0.get("fleetlet_shim_taint_writes_total", 0)),
             "cpu_cores": Cpu.cores(c0, c1, soak_s),
+            "lease_renewal_lag_p50_s": histogram_quantile(m1, "fleetlet_shim_lease_renewal_lag_seconds", 0.5, since=m0),
+            "lease_renewal_lag_p99_s": histogram_quantile(m1, "fleetlet_shim_lease_renewal_lag_seconds", 0.99,
+                                                          since=m0),
             "target_writes_per_car_per_minute": 3.0,
         }
         idle["meets_target"] = idle["apiserver_writes_per_car_per_minute"] <= 3.0

@@ -107,7 +107,8 @@ async def start_system(cluster: Cluster, work: Path, prefix: str, cars: int, see
                 lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", NS, check=False).returncode == 0, 60)
     shim = await asyncio.to_thread(launch_shim, cluster, work / "shim", lease_renew_s=5.0)
     operator = await asyncio.to_thread(launch_operator, cluster, work / "operator", artifact_dir=shim.artifact_dir,
-                                       extra_args=["--unreachable-toleration-seconds", "30"])
+                                       extra_args=["--unreachable-toleration-seconds", "30",
+                                                   "--lost-car-slack-seconds", "5"])
     specs = [VehicleNodeSpec.model_validate(b["spec"]) for b in bodies]
     # Batch 1: a shard of digits takes seconds, so a car can drive off in the middle of it.
     config = AgentConfig(batch_size=1, checkpoint_every_seconds=1.0, status_interval_seconds=0.5,

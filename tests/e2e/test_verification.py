@@ -10,6 +10,7 @@ operator lets the VehicleNode go.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,12 +49,12 @@ def artifacts(simulated: System, tmp_path_factory: pytest.TempPathFactory) -> di
     return {"model": model, "input": data}
 
 
-def honest_output(system: System, artifacts: dict[str, Any], shard_size: int) -> np.ndarray:
+def honest_output(system: System, artifacts: dict[str, Any], shard_size: int, items: int = ITEMS) -> np.ndarray:
     """What honest cars compute: SIMULATED outputs of each shard's own input blob, in input order."""
     shards = JobArtifacts(system.store)
     parts = []
-    for start in range(0, ITEMS, shard_size):
-        end = min(ITEMS, start + shard_size)
+    for start in range(0, items, shard_size):
+        end = min(items, start + shard_size)
         digest = shards.shard_input(artifacts["input"], "npy", start, end)
         parts.append(simulated_outputs(artifacts["model"], digest, 0, end - start))
     return np.concatenate(parts)
@@ -118,3 +119,41 @@ async def test_deleting_a_cars_vehiclenode_drains_its_shards_before_it_goes(
     assert status["phase"] == "Succeeded", status  # its shard resumed elsewhere, free (retries: 0)
     np.testing.assert_array_equal(next(iter(simulated.output("drain-vn").values())),
                                   honest_output(simulated, artifacts, 8000))
+
+
+async def test_when_most_of_the_fleet_drops_off_at_once_the_operator_resumes_its_shards_itself(
+    simulated: System, artifacts: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Most of a zone NotReady at once: the node lifecycle controller's disruption guard stops NoExecute tainting
+    (this cluster is one zone of a few cars), so no eviction comes. The operator sees the car Nodes not Ready past
+    the unreachable toleration plus its slack (30 + 5 s here) and resumes their shards from their checkpoints."""
+    items, size = 6 * 40_000, 40_000  # 10 s of SIMULATED work per shard
+    root = tmp_path_factory.mktemp("long-input")
+    np.save(root / "input.npy", np.arange(items, dtype=np.float32).reshape(items, 1))
+    data = simulated.store.put_file(root / "input.npy")
+    simulated.submit("dropped", artifacts["model"], data, items, shardSize=size, parallelism=6, retries=0)
+
+    def busy_cars() -> list[str] | None:
+        cars = sorted({p["spec"]["nodeName"] for p in simulated.pods("dropped")
+                       if p["status"].get("phase") == "Running" and p["spec"].get("nodeName") != LIAR
+                       and any("checkpoint=sha256:" in c.get("message", "") for c in p["status"].get("conditions", []))})
+        return cars[:3] if len(cars) >= 3 else None
+
+    cars = await until("three cars run a shard with a checkpoint", busy_cars, 90, interval_s=0.3)
+    await asyncio.gather(*(simulated.fleet.disconnect(c) for c in cars))
+
+    def lost_events() -> str:
+        out = simulated.kubectl("get", "events", "-n", NS, "--field-selector",
+                                "involvedObject.kind=FleetJob,involvedObject.name=dropped,reason=CarLost").stdout
+        return out if any(c in out for c in cars) else ""
+
+    try:
+        events = await until("the operator gives up on the lost cars (CarLost)", lost_events, 120)
+        assert "resumes elsewhere from its last checkpoint" in events
+    finally:
+        for c in cars:
+            simulated.fleet.reconnect(c)
+    status = await simulated.finished("dropped", 300)
+    assert status["phase"] == "Succeeded", status  # retries: 0, so no lost shard spent a retry
+    np.testing.assert_array_equal(next(iter(simulated.output("dropped").values())),
+                                  honest_output(simulated, {"model": artifacts["model"], "input": data}, size, items))
