@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import follow, histogram_quantile, proc_cpu_seconds, proc_rss_mib
+from benchlib import follow, histogram_quantile, machine, proc_cpu_seconds, proc_rss_mib
 from fleetlet_car.link import CarLink, CarLinkConfig, Command, car_ssl_context
 from fleetlet_car.reflex import SafetyReflex
 from fleetlet_car.sim import SimulatedFleet, SimulatedVehicle, make_vehicle_specs
@@ -392,15 +392,9 @@ class Cpu:
         return {k: round((b[k] - a[k]) / seconds, 3) for k in a}
 
 
-def shim_metrics(shim: ShimHandle, timeout_s: float = 30.0) -> dict[str, float]:
-    """The shim's metrics (``ShimHandle.metrics`` with a longer timeout: a loaded shim answers late, not never)."""
-    text = urllib.request.urlopen(shim.metrics_url, timeout=timeout_s).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+def shim_metrics(shim: ShimHandle) -> dict[str, float]:
+    """A loaded shim answers late, not never: a longer timeout than ``ShimHandle.metrics``'s default."""
+    return shim.metrics(timeout_s=30.0)
 
 
 async def scrape(shim: ShimHandle, cluster: LocalCluster, cpu: Cpu
@@ -421,18 +415,6 @@ def other_apiservers(ours: int) -> int:
             except OSError:
                 continue
     return count
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal:"))
-    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kb / 2**20, 1),
-            "kernel": platform.release(), "python": platform.python_version()}
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import follow
+from benchlib import follow, machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "operator.json"
@@ -269,18 +269,6 @@ def mutating_p99(m0: dict[str, float], m1: dict[str, float], q: float = 0.99) ->
     if not rows or rows[-1][1] <= 0:
         return None
     return next(le for le, n in rows if n >= q * rows[-1][1])
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal:"))
-    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kb / 2**20, 1),
-            "kernel": platform.release(), "python": platform.python_version()}
 
 
 def versions(cluster: Any) -> dict[str, str]:

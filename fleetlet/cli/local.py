@@ -40,8 +40,8 @@ class ComponentHandle:
     metrics_url: str
     args: list[str]
 
-    def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+    def metrics(self, timeout_s: float = 5.0) -> dict[str, float]:
+        text = urllib.request.urlopen(self.metrics_url, timeout=timeout_s).read().decode()
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

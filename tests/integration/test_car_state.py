@@ -24,7 +24,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -42,7 +41,7 @@ from fleetlet.cli.local import ShimHandle, apply_objects, start_shim, vehiclenod
 from fleetlet.kube import ApiError, KubeClient, KubeConfig, resource_path
 from fleetlet.policy import CarPolicy, evaluate
 from tests.conftest import until
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import Cluster, dead_or_dying, get_pod, pod_phase
 from tests.integration.scripted_car import PARKED, ScriptedCar
 
 # The cars live on one event loop for the whole module, like a fleet simulator process.
@@ -309,19 +308,9 @@ def shard_pod(name: str, car: str, model: str, shard: str, items: int,
 ON_BATTERY = {"key": tk.UNPLUGGED, "operator": "Equal", "value": tk.UNPLUGGED_ON_BATTERY, "effect": "NoSchedule"}
 
 
-def _pod(cluster: Cluster, name: str) -> dict[str, Any] | None:
-    proc = cluster.kubectl("get", "pod", name, "-n", NS, "-o", "json", check=False)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def _phase(cluster: Cluster, name: str) -> str | None:
-    pod = _pod(cluster, name)
-    return pod.get("status", {}).get("phase") if pod else None
-
-
 def _unschedulable(cluster: Cluster, name: str) -> str:
     """The scheduler's message on a pod it could not place ('' while it has not said so)."""
-    pod = _pod(cluster, name) or {}
+    pod = get_pod(cluster, name) or {}
     for c in pod.get("status", {}).get("conditions", []):
         if c["type"] == "PodScheduled" and c["status"] == "False" and c.get("reason") == "Unschedulable":
             return str(c.get("message", ""))
@@ -354,7 +343,7 @@ async def pending_for_taint(cluster: Cluster, nodes: NodeLog, pod: str, car: str
         message: str = await until(f"{pod} is left unschedulable for an untolerated taint", probe, 30)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; the scheduler said: {seen[0]!r}") from None
-    tolerations = (_pod(cluster, pod) or {})["spec"].get("tolerations") or []
+    tolerations = (get_pod(cluster, pod) or {})["spec"].get("tolerations") or []
     node = nodes.latest(car)
     assert node is not None
     untolerated = {t for t in node.taints if not any(_tolerates(x, t) for x in tolerations)}
@@ -364,7 +353,7 @@ async def pending_for_taint(cluster: Cluster, nodes: NodeLog, pod: str, car: str
 
 
 def _node_name(cluster: Cluster, pod: str) -> str | None:
-    return ((_pod(cluster, pod) or {}).get("spec") or {}).get("nodeName")
+    return ((get_pod(cluster, pod) or {}).get("spec") or {}).get("nodeName")
 
 
 async def delete_pods(cluster: Cluster, *names: str) -> None:
@@ -399,8 +388,8 @@ async def test_a_pod_that_does_not_tolerate_unplugged_never_lands_on_an_unplugge
     ])
     try:
         await until("the tolerant pod succeeds on the unplugged car",
-                    lambda: _phase(crds_installed, "battery-ok") == "Succeeded", 90)
-        done = _pod(crds_installed, "battery-ok")
+                    lambda: pod_phase(crds_installed, "battery-ok") == "Succeeded", 90)
+        done = get_pod(crds_installed, "battery-ok")
         assert done is not None and done["spec"]["nodeName"] == "cs-battery"
         term = done["status"]["containerStatuses"][0]["state"]["terminated"]
         assert json.loads(term["message"])["itemsDone"] == 300  # real inference ran on the car, on battery
@@ -440,7 +429,7 @@ async def test_a_car_under_its_owners_floor_gets_no_new_pods_until_it_recovers_p
         assert _node_name(crds_installed, "floor") is None, "the pod landed while the car was inside the margin"
         cars.fleet.set_state_of_charge(i, 0.53)  # past floor + 2 %: open again
         await nodes.wait("battery-low cleared", "cs-floor", lambda v: not v.has(tk.BATTERY_LOW))
-        await until("the pod lands and runs", lambda: _phase(crds_installed, "floor") == "Succeeded", 90)
+        await until("the pod lands and runs", lambda: pod_phase(crds_installed, "floor") == "Succeeded", 90)
         assert _node_name(crds_installed, "floor") == "cs-floor"
     finally:
         await delete_pods(crds_installed, "floor")
@@ -464,7 +453,7 @@ async def test_a_car_over_its_soft_temperature_limit_gets_no_new_pods_until_it_c
         assert _node_name(crds_installed, "thermal") is None, "the pod landed inside the temperature margin"
         cars.fleet.set_temperatures(i, battery_c=37.0)
         await nodes.wait("thermal cleared", "cs-thermal", lambda v: not v.has(tk.THERMAL))
-        await until("the pod lands and runs", lambda: _phase(crds_installed, "thermal") == "Succeeded", 90)
+        await until("the pod lands and runs", lambda: pod_phase(crds_installed, "thermal") == "Succeeded", 90)
         assert _node_name(crds_installed, "thermal") == "cs-thermal"
     finally:
         await delete_pods(crds_installed, "thermal")
@@ -472,25 +461,6 @@ async def test_a_car_over_its_soft_temperature_limit_gets_no_new_pods_until_it_c
 
 
 # ---- driving: the reflex first, then the taint, the real taint-eviction controller, the shim -------------------
-
-
-def _dead_or_dying(pid: int, within_s: float = 0.1) -> bool:
-    """Within the reflex target (100 ms): the process is gone, a zombie, or has SIGKILL pending."""
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            status = Path(f"/proc/{pid}/status").read_text()
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        pending = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("ShdPnd:"))
-        if pending & (1 << (9 - 1)):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
 
 
 def _events(cluster: Cluster, name: str, kind: str) -> list[dict[str, Any]]:
@@ -504,21 +474,21 @@ async def test_a_car_that_starts_driving_is_tainted_noexecute_and_its_pod_evicte
 ) -> None:
     car = "cs-driver"
     apply_objects(crds_installed, [shard_pod("driven", car, shards["model"], shards["long"], shards["long_items"])])
-    await until("the long shard runs on the car", lambda: _phase(crds_installed, "driven") == "Running"
+    await until("the long shard runs on the car", lambda: pod_phase(crds_installed, "driven") == "Running"
                 and cars.agents[car].running == 1, 60)
-    uid = _pod(crds_installed, "driven")["metadata"]["uid"]  # type: ignore[index]
+    uid = get_pod(crds_installed, "driven")["metadata"]["uid"]  # type: ignore[index]
     agent = cars.agents[car]
     pid = agent.run_pid(uid)
     assert pid is not None
     changed = time.monotonic()
     cars.set_drive_state(car, "Driving")  # the reflex runs inside this call, before any API server hears of it
     trip = agent.reflex.last_trip
-    assert _dead_or_dying(pid), "the sandbox still runs after the car left Parked"
+    assert dead_or_dying(pid), "the sandbox still runs after the car left Parked"
     assert trip is not None and trip.latency_ns < 100_000_000, "the reflex target is 100 ms"
     try:
         tainted = await nodes.wait("driving:NoExecute", car, lambda v: v.has(tk.DRIVING, None, "NoExecute"))
         taint_s = tainted.at - changed
-        await until("the pod is evicted and gone", lambda: _pod(crds_installed, "driven") is None, 60)
+        await until("the pod is evicted and gone", lambda: get_pod(crds_installed, "driven") is None, 60)
         gone_s = time.monotonic() - changed
         evictions = [e for e in _events(crds_installed, "driven", "Pod") if e["reason"] == "TaintManagerEviction"]
         assert evictions, "the pod was not deleted by the taint-eviction controller"
@@ -549,14 +519,14 @@ async def test_a_pod_evicted_from_a_driving_car_is_stopped_on_the_car_by_the_shi
         apply_objects(crds_installed, [shard_pod("evictee", car.name, "c" * 64, "c" * 64, 10)])
         uid = (await car.wait_for_assign("evictee")).uid
         await car.report(uid, "Running", items_done=1)
-        await until("Running", lambda: _phase(crds_installed, "evictee") == "Running", 30)
+        await until("Running", lambda: pod_phase(crds_installed, "evictee") == "Running", 30)
         await car.telemetry(driveState="Driving", pluggedIn=False)
         await nodes.wait("driving:NoExecute", car.name, lambda v: v.has(tk.DRIVING, None, "NoExecute"))
         stop = await car.wait_for("stop", uid, timeout_s=30)
         assert stop.reason == "PodDeleted"
         assert any(e["reason"] == "TaintManagerEviction" for e in _events(crds_installed, "evictee", "Pod"))
         await car.report(uid, "Failed", reason="Stopped")
-        await until("the pod is gone", lambda: _pod(crds_installed, "evictee") is None, 30)
+        await until("the pod is gone", lambda: get_pod(crds_installed, "evictee") is None, 30)
     finally:
         await car.close()
         await delete_pods(crds_installed, "evictee")

@@ -39,7 +39,7 @@ from fleetlet.cli.local import (
 from fleetlet.localcluster.cluster import free_port
 from tests.conftest import until
 from tests.faultproxy import Delay, Drop, FaultProxy, Respond
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import Cluster, get_pod, pod_phase
 from tests.integration.scripted_car import ScriptedCar
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -97,16 +97,6 @@ def _ready(cluster: Cluster, name: str) -> bool:
                                     for c in node["status"].get("conditions", []))
 
 
-def _pod(cluster: Cluster, name: str) -> dict[str, Any] | None:
-    proc = cluster.kubectl("get", "pod", name, "-n", NS, "-o", "json", check=False)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def _phase(cluster: Cluster, name: str) -> str | None:
-    pod = _pod(cluster, name)
-    return pod.get("status", {}).get("phase") if pod else None
-
-
 def _bind(cluster: Cluster, name: str, car: str, grace_s: int = 30) -> None:
     """A shard pod bound straight to ``car`` (these tests are about the shim, not the scheduler)."""
     assignment = ShardAssignment.model_validate({"model": {"sha256": DIGEST}, "input": {"sha256": DIGEST, "end": 10}})
@@ -127,7 +117,7 @@ async def _running(cluster: Cluster, car: ScriptedCar, pod: str) -> str:
     _bind(cluster, pod, car.name)
     uid: str = (await car.wait_for_assign(pod)).uid
     await car.report(uid, "Running", items_done=1)
-    await until(f"{pod} is Running", lambda: _phase(cluster, pod) == "Running", 30)
+    await until(f"{pod} is Running", lambda: pod_phase(cluster, pod) == "Running", 30)
     return uid
 
 
@@ -143,7 +133,7 @@ async def test_a_final_status_whose_writes_fail_is_written_later_and_acked_only_
     while rule.hits < 12:  # the old shim dropped the write here and the pod stayed Running forever
         assert not car.received("ack", uid), "the car was told to forget a status the API does not hold"
         await asyncio.sleep(0.2)
-    await until("the pod succeeds after the API recovers", lambda: _phase(crds_installed, "final-status")
+    await until("the pod succeeds after the API recovers", lambda: pod_phase(crds_installed, "final-status")
                 == "Succeeded", 60)
     await car.wait_for("ack", uid, timeout_s=10)
     assert proxy.count("PATCH", r"/pods/final-status/status$", 500) == 12
@@ -220,12 +210,12 @@ async def test_a_stop_is_sent_again_and_a_car_that_never_confirms_does_not_hold_
     _bind(crds_installed, "unconfirmed", car.name, grace_s=3)
     uid = (await car.wait_for_assign("unconfirmed")).uid
     await car.report(uid, "Running")
-    await until("Running", lambda: _phase(crds_installed, "unconfirmed") == "Running", 30)
+    await until("Running", lambda: pod_phase(crds_installed, "unconfirmed") == "Running", 30)
     started = time.monotonic()
     crds_installed.kubectl("delete", "pod", "unconfirmed", "-n", NS, "--wait=false")
     await car.wait_for("stop", uid, timeout_s=10)
     await car.wait_for("stop", uid, timeout_s=10, count=2)  # the car said nothing: asked again
-    await until("the deletion is finished without the car", lambda: _pod(crds_installed, "unconfirmed") is None, 30)
+    await until("the deletion is finished without the car", lambda: get_pod(crds_installed, "unconfirmed") is None, 30)
     assert time.monotonic() - started >= 3, "not before the pod's grace period"
 
 
@@ -236,7 +226,7 @@ async def test_a_pod_deleted_while_its_car_was_away_is_stopped_when_the_car_retu
     await car.disconnect()
     crds_installed.kubectl("delete", "pod", "deleted-while-away", "-n", NS, "--wait=false")
     await until("the deletion is finished (its car is gone)",
-                lambda: _pod(crds_installed, "deleted-while-away") is None, 30)
+                lambda: get_pod(crds_installed, "deleted-while-away") is None, 30)
     await car.connect(held=[HeldAssignment(uid=uid, phase="Running", items_done=5)])
     stop = await car.wait_for("stop", uid, timeout_s=20)
     assert stop.reason == "PodNotFound"
@@ -256,13 +246,13 @@ async def test_a_sigkilled_shim_loses_nothing_and_runs_nothing_twice(
     await car.connect(held=[HeldAssignment(uid=uid, phase="Succeeded", items_done=10, result_digest=DIGEST),
                             HeldAssignment(uid=other, phase="Running", items_done=3)])
     await car.report(uid, "Succeeded", items_done=10, result=DIGEST)  # the car re-sends its unacked final
-    await until("the finished shard's pod succeeds", lambda: _phase(crds_installed, "survives-sigkill")
+    await until("the finished shard's pod succeeds", lambda: pod_phase(crds_installed, "survives-sigkill")
                 == "Succeeded", 30)
     await car.wait_for("ack", uid, timeout_s=10)
     await asyncio.sleep(3)
     assert len(car.received("assign", uid)) == 1 and len(car.received("assign", other)) == 1, \
         "a restarted shim must not hand the car work it already holds"
-    assert not car.received("stop", other) and _phase(crds_installed, "still-running") == "Running"
+    assert not car.received("stop", other) and pod_phase(crds_installed, "still-running") == "Running"
 
 
 # ---- replicas, revocation, RBAC, listeners -----------------------------------------------------------------

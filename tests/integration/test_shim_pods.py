@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +24,7 @@ from fleetlet.artifacts import BlobStore
 from fleetlet.cli.local import ShimHandle, apply_objects, start_shim, vehiclenodes
 from fleetlet.models.digits import DigitsArtifacts, predict_onnx
 from tests.conftest import until
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import Cluster, dead_or_dying, get_pod, pod_phase
 
 # The cars live on one event loop for the whole module, like a fleet simulator process.
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -84,37 +82,8 @@ def shard_pod(name: str, car: str, model: str, shard: str, items: int) -> dict[s
     }
 
 
-def _pod(cluster: Cluster, name: str) -> dict[str, Any] | None:
-    proc = cluster.kubectl("get", "pod", name, "-n", NS, "-o", "json", check=False)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def _phase(cluster: Cluster, name: str) -> str | None:
-    pod = _pod(cluster, name)
-    return pod.get("status", {}).get("phase") if pod else None
-
-
-def _dead_or_dying(pid: int, within_s: float = 0.1) -> bool:
-    """Within the reflex target (100 ms): the process is gone, a zombie, or has SIGKILL pending."""
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            status = Path(f"/proc/{pid}/status").read_text()
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        pending = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("ShdPnd:"))
-        if pending & (1 << (9 - 1)):  # SIGKILL queued: the process cannot run another instruction of its own
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-
-
 def _progress(cluster: Cluster, name: str) -> str:
-    pod = _pod(cluster, name) or {}
+    pod = get_pod(cluster, name) or {}
     return next((c.get("message", "") for c in pod.get("status", {}).get("conditions", [])
                  if c["type"] == "fleetlet.io/Progress"), "")
 
@@ -125,8 +94,8 @@ async def test_a_shard_pod_runs_real_inference_on_a_car_and_succeeds(
 ) -> None:
     pod = shard_pod("digits-shard-0", "podcar-000000", shards["model"], shards["short"], shards["short_items"])
     apply_objects(crds_installed, [pod])
-    await until("the pod succeeds", lambda: _phase(crds_installed, "digits-shard-0") == "Succeeded", 90)
-    got = _pod(crds_installed, "digits-shard-0")
+    await until("the pod succeeds", lambda: pod_phase(crds_installed, "digits-shard-0") == "Succeeded", 90)
+    got = get_pod(crds_installed, "digits-shard-0")
     assert got is not None and got["spec"]["nodeName"] == "podcar-000000"  # placed by the real scheduler
     status = got["status"]["containerStatuses"][0]
     term = status["state"]["terminated"]
@@ -151,11 +120,11 @@ async def test_deleting_a_pod_stops_it_on_the_car(
     car = "podcar-000001"
     apply_objects(crds_installed, [shard_pod("long-delete", car, shards["model"], shards["long"],
                                              shards["long_items"])])
-    await until("the shard is running", lambda: _phase(crds_installed, "long-delete") == "Running"
+    await until("the shard is running", lambda: pod_phase(crds_installed, "long-delete") == "Running"
                  and cars.agents[car].running == 1, 60)
     crds_installed.kubectl("delete", "pod", "long-delete", "-n", NS, "--wait=false")
     # Graceful termination: the car stops (checkpoint, exit), the shim confirms and the pod is gone.
-    await until("the pod is gone", lambda: _pod(crds_installed, "long-delete") is None, 30)
+    await until("the pod is gone", lambda: get_pod(crds_installed, "long-delete") is None, 30)
     await until("the car runs nothing", lambda: cars.agents[car].running == 0, 10)
 
 
@@ -168,20 +137,20 @@ async def test_a_car_that_starts_driving_stops_its_work_at_once(
     # taint manager is proven in test_car_state.py (shard pods never tolerate it).
     pod["spec"]["tolerations"] = [{"key": "fleetlet.io/driving", "operator": "Exists", "effect": "NoExecute"}]
     apply_objects(crds_installed, [pod])
-    await until("the shard has checkpointed work", lambda: _phase(crds_installed, "long-drive") == "Running"
+    await until("the shard has checkpointed work", lambda: pod_phase(crds_installed, "long-drive") == "Running"
                  and "checkpoint=sha256:" in _progress(crds_installed, "long-drive"), 60)
     agent = cars.agents[car]
-    uid = _pod(crds_installed, "long-drive")["metadata"]["uid"]  # type: ignore[index]
+    uid = get_pod(crds_installed, "long-drive")["metadata"]["uid"]  # type: ignore[index]
     pids = [pid for pid in [agent.run_pid(uid)] if pid]
     assert len(pids) == 1
     cars.set_drive_state(car, "Driving")  # the reflex runs inside this call, before any API server hears of it
     trip = agent.reflex.last_trip
-    assert _dead_or_dying(pids[0]), "the sandbox still runs after the car left Parked"
+    assert dead_or_dying(pids[0]), "the sandbox still runs after the car left Parked"
     assert trip is not None and trip.latency_ns < 100_000_000, "the reflex target is 100 ms"
     await until("the pod fails as CarLeftParked",
-                 lambda: (_pod(crds_installed, "long-drive") or {}).get("status", {}).get("reason") == "CarLeftParked",
+                 lambda: (get_pod(crds_installed, "long-drive") or {}).get("status", {}).get("reason") == "CarLeftParked",
                  30)
-    pod = _pod(crds_installed, "long-drive")
+    pod = get_pod(crds_installed, "long-drive")
     assert pod is not None and pod["status"]["phase"] == "Failed"
     progress = next(c for c in pod["status"]["conditions"] if c["type"] == "fleetlet.io/Progress")
     assert "checkpoint=sha256:" in progress["message"]  # the work resumes elsewhere from here
@@ -200,11 +169,11 @@ async def test_a_shim_restart_loses_nothing_and_runs_nothing_twice(
     car = "podcar-000003"
     items = 300_000  # about 10 s of work at batch 1: the shim restarts while the car works
     apply_objects(crds_installed, [shard_pod("survivor", car, shards["model"], shards["long"], items)])
-    await until("the shard is running", lambda: _phase(crds_installed, "survivor") == "Running", 60)
+    await until("the shard is running", lambda: pod_phase(crds_installed, "survivor") == "Running", 60)
     restarted_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     await asyncio.to_thread(shim.restart)  # the car keeps working through the shim's absence
-    await until("the pod succeeds after the restart", lambda: _phase(crds_installed, "survivor") == "Succeeded", 120)
-    term = _pod(crds_installed, "survivor")["status"]["containerStatuses"][0]["state"]["terminated"]  # type: ignore[index]
+    await until("the pod succeeds after the restart", lambda: pod_phase(crds_installed, "survivor") == "Succeeded", 120)
+    term = get_pod(crds_installed, "survivor")["status"]["containerStatuses"][0]["state"]["terminated"]  # type: ignore[index]
     assert json.loads(term["message"])["itemsDone"] == items
     # The run that finished is the one that started before the restart: the shard was not started again.
     assert term["startedAt"] <= restarted_at, (term["startedAt"], restarted_at)
@@ -224,13 +193,13 @@ async def test_a_pod_the_car_cannot_run_fails_with_a_clear_reason(
     apply_objects(crds_installed, [no_sandbox, too_big])
 
     def reason(name: str) -> tuple[str | None, str]:
-        status = (_pod(crds_installed, name) or {}).get("status", {})
+        status = (get_pod(crds_installed, name) or {}).get("status", {})
         return status.get("reason"), status.get("message", "")
 
-    await until("both pods fail", lambda: _phase(crds_installed, "no-sandbox") == "Failed"
-                 and _phase(crds_installed, "too-big") == "Failed", 30)
+    await until("both pods fail", lambda: pod_phase(crds_installed, "no-sandbox") == "Failed"
+                 and pod_phase(crds_installed, "too-big") == "Failed", 30)
     r, message = reason("no-sandbox")
     assert r == "UnsupportedRuntime" and "cars run only sandboxed models" in message
     r, message = reason("too-big")
     assert r == "OutOfmemory" and "900Gi" in message
-    assert cars.agents[car].assignment(_pod(crds_installed, "too-big")["metadata"]["uid"]) is None  # type: ignore[index]
+    assert cars.agents[car].assignment(get_pod(crds_installed, "too-big")["metadata"]["uid"]) is None  # type: ignore[index]
