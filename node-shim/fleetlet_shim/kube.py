@@ -120,7 +120,7 @@ class UrgentWrites:
         self._in_flight = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
-        self.deferred = 0  # routine writes that waited (a counter for tests and metrics)
+        self.deferred = 0  # routine writes that found urgent ones in flight and waited
 
     @property
     def in_flight(self) -> int:
