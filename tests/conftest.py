@@ -70,15 +70,18 @@ def with_field(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     return body
 
 
-async def until(what: str, probe: Any, timeout_s: float, interval_s: float = 0.5) -> Any:
-    """Poll the blocking ``probe`` (in a thread) until it returns something truthy; fail naming ``what``."""
+async def until(what: str, probe: Any, timeout_s: float, interval_s: float = 0.5,
+                explain: Any = None) -> Any:
+    """Poll the blocking ``probe`` (in a thread) until it returns something truthy; fail naming ``what``, with
+    what the blocking ``explain()`` says about the state at that moment, when given."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = await asyncio.to_thread(probe)
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting until {what}")
+            detail = f": {await asyncio.to_thread(explain)}" if explain is not None else ""
+            raise AssertionError(f"timed out after {timeout_s}s waiting until {what}{detail}")
         await asyncio.sleep(interval_s)
 
 

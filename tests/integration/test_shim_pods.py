@@ -177,12 +177,17 @@ async def test_a_shim_restart_loses_nothing_and_runs_nothing_twice(
     assert json.loads(term["message"])["itemsDone"] == items
     # The run that finished is the one that started before the restart: the shard was not started again.
     assert term["startedAt"] <= restarted_at, (term["startedAt"], restarted_at)
+    # Every car comes back: the cars that idled through the restart redial with capped backoff (60 s).
+    await until("every car is back on the link", lambda: cars.stats().connected == 4, 90,
+                explain=lambda: f"{cars.stats()}")
 
 
 async def test_a_pod_the_car_cannot_run_fails_with_a_clear_reason(
     crds_installed: Cluster, cars: SimFleetHarness, shards: dict[str, Any]
 ) -> None:
     car = "podcar-000000"
+    # The car is on the link: admission is the car's (as a kubelet's is), so a pod waits for its car's hello.
+    await until("the car is connected", lambda: cars.agents[car].connected, 90)
     no_sandbox = shard_pod("no-sandbox", car, shards["model"], shards["short"], shards["short_items"])
     del no_sandbox["spec"]["runtimeClassName"]  # an ordinary container pod that tolerates the car taint
     no_sandbox["spec"]["tolerations"] = [{"key": "fleetlet.io/vehicle", "operator": "Exists"}]
@@ -197,7 +202,10 @@ async def test_a_pod_the_car_cannot_run_fails_with_a_clear_reason(
         return status.get("reason"), status.get("message", "")
 
     await until("both pods fail", lambda: pod_phase(crds_installed, "no-sandbox") == "Failed"
-                 and pod_phase(crds_installed, "too-big") == "Failed", 30)
+                 and pod_phase(crds_installed, "too-big") == "Failed", 60,
+                explain=lambda: f"no-sandbox {reason('no-sandbox')} {pod_phase(crds_installed, 'no-sandbox')}, "
+                                f"too-big {reason('too-big')} {pod_phase(crds_installed, 'too-big')}, node taints "
+                                + crds_installed.kubectl("get", "node", car, "-o", "jsonpath={.spec.taints}").stdout)
     r, message = reason("no-sandbox")
     assert r == "UnsupportedRuntime" and "cars run only sandboxed models" in message
     r, message = reason("too-big")
