@@ -7,8 +7,8 @@ and the VehicleNode controller (keyed work queues with backoff, a deliberate wor
 store, and a metrics endpoint with ``/healthz`` and ``/readyz``.
 
 Construction order has no cycles: API client, informers, VehicleNode controller (the trust view), FleetJob
-controller (reads that view), the aggregating Event recorder. ``start`` runs inside kopf's event loop (its
-startup handler).
+controller (reads that view; the VehicleNode controller tells it, through a callback, when a car loses trust),
+the aggregating Event recorder. ``start`` runs inside kopf's event loop (its startup handler).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class OperatorApp:
                                     instance=socket.gethostname(), observer=self.metrics)
         self.jobs = JobController(self.api, self.artifacts, self.pods, self.vehicles, settings, self.metrics,
                                   self.events)
+        self.vehicles.on_untrusted(self.jobs.car_lost_trust)  # a car caught lying: live jobs re-plan at once
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None

@@ -114,6 +114,12 @@ class JobController:
             self._key_of[meta.get("uid", "")] = key
         self.controller.enqueue(key)
 
+    def car_lost_trust(self, car: str) -> None:
+        """Re-plan every live job at once: results that rest on ``car`` alone are withdrawn before a merge."""
+        for key, body in list(self.jobs.items()):
+            if (body.get("status") or {}).get("phase") not in TERMINAL:
+                self.controller.enqueue(key)
+
     def _pod_changed(self, change: Change) -> None:
         labels = change.obj["metadata"].get("labels") or {}
         uid = labels.get(LABEL_JOB_UID, "")
@@ -189,12 +195,18 @@ class JobController:
             decided = await self._plan(inputs)
         decided.trust += invalid
         await self._carry_out(job, state, views, decided, now)
+        held = decided.complete and self.vehicles.judging(
+            car for entry in state.ledger.entries.values() for car in entry.cars)
+        if held:  # a car of this job was just caught: its other results here may be withdrawn before the merge
+            decided.complete = False
         result = await self._merge(job, state) if decided.complete else None
         await self._write_status(job, state, next_status(job, decided, total_shards=state.total_shards, now=now,
                                                          started_at=started_at, result=result))
         self._forget_tombstones(state, views)
         if decided.more:
             return Requeue(after=0.0)
+        if held:
+            return Requeue(after=1.0)
         if decided.complete or decided.failed is not None:
             return None
         return Requeue(after=decided.requeue_after or self.settings.plan.resync_s)
@@ -297,6 +309,7 @@ class JobController:
                      "controller": True, "blockOwnerDeletion": True}
             before = {s: e for s, e in state.ledger.entries.items() if s in decided.ledger}
             self.metrics.ledger_writes.inc(await state.ledger.write(self.api, decided.ledger, owner))
+            self.metrics.withdrawn.inc(len(decided.reopened))
             for shard, entry in decided.ledger.items():
                 if entry.accepted and not (before.get(shard) and before[shard].accepted):
                     first = min((p.created_at for p in views.get(shard, ())), default=now)

@@ -24,6 +24,9 @@ class OperatorMetrics(ComponentMetrics):
                                   registry=registry)
         self.disagreements = Counter(p + "verification_disagreements_total",
                                      "Results rejected because other cars disagreed", registry=registry)
+        self.withdrawn = Counter(p + "results_withdrawn_total",
+                                 "Accepted results withdrawn before the merge because their cars lost trust",
+                                 registry=registry)
         self.audits = Counter(p + "audit_replicas_total", "Single-replica shards re-run on a second car",
                               registry=registry)
         self.pods_created = Counter(p + "pods_created_total", "Shard pods created", registry=registry)

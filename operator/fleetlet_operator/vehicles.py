@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -39,8 +39,7 @@ TRUST_PREFIX = "trust/"
 
 class VehicleController:
     def __init__(self, api: OperatorApi, vehiclenodes: Informer, pods: Informer, metrics: OperatorMetrics,
-                 *, workers: int, nodes: Informer | None = None,
-                 on_untrusted: Callable[[str], None] | None = None) -> None:
+                 *, workers: int, nodes: Informer | None = None) -> None:
         self.api = api
         self.vehiclenodes = vehiclenodes
         self.pods = pods
@@ -50,13 +49,24 @@ class VehicleController:
         if nodes is not None:
             nodes.add_handler(self._node_changed)
         self._verdicts: dict[str, list[TrustVerdict]] = defaultdict(list)
-        self._on_untrusted = on_untrusted
+        self._applying: set[str] = set()  # cars whose rejected results are being written to their VehicleNode
+        self._on_untrusted: Callable[[str], None] | None = None
         pods.add_index("node", lambda p: [p["spec"]["nodeName"]] if p["spec"]["nodeName"] else [])
         vehiclenodes.add_handler(self._changed)
         self.controller = Controller("vehiclenodes", self.sync, workers=workers, observer=metrics)
 
     def cars(self) -> dict[str, CarView]:
         return self._cars
+
+    def judging(self, cars: Iterable[str]) -> bool:
+        """Whether a rejected result of any of ``cars`` is still to be recorded (it may cost the car its trust,
+        and its other accepted results with it): a job waits for that before it merges its output."""
+        return any(car in self._applying or any(not v.valid for v in self._verdicts.get(car, ()))
+                   for car in set(cars))
+
+    def on_untrusted(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(car)`` whenever a car loses trust (the FleetJob controller re-plans its live jobs)."""
+        self._on_untrusted = callback
 
     def record(self, verdicts: list[TrustVerdict]) -> None:
         for v in verdicts:
@@ -139,6 +149,14 @@ class VehicleController:
         vn = self.vehiclenodes.get(car)
         if not verdicts or vn is None:
             return
+        if any(not v.valid for v in verdicts):
+            self._applying.add(car)
+        try:
+            await self._write_trust(car, vn, verdicts)
+        finally:
+            self._applying.discard(car)
+
+    async def _write_trust(self, car: str, vn: dict[str, Any], verdicts: list[TrustVerdict]) -> None:
         trust: dict[str, Any] = dict(vn["status"].get("trust") or {})
         streak, valid, invalid = (int(trust.get(k, 0)) for k in ("validStreak", "validTotal", "invalidTotal"))
         untrusted = bool(trust.get("untrusted", False))
@@ -163,7 +181,7 @@ class VehicleController:
             self._verdicts[car][:0] = verdicts  # keep them, in order, for the retry
             raise
         self._cars[car] = CarView(owner=self._cars.get(car, CarView(owner="")).owner, valid_streak=streak,
-                                  untrusted=untrusted)
+                                  untrusted=untrusted, lost_since=self._lost.get(car))
         if untrusted and self._on_untrusted is not None:
             self._on_untrusted(car)
 

@@ -4,7 +4,8 @@ scheduler and the operator are all real).
 
 A car that returns wrong results is caught by its disagreement with cars of other owners, loses trust (its
 VehicleNode says so, the shim taints it ``fleetlet.io/untrusted``) and gets no more work; the job's output is the
-honest one. A car whose VehicleNode is deleted has its shards drained (stopped, resumed elsewhere) before the
+honest one. A trusted car that lies unreplicated is caught later, and the results it alone vouched for in jobs not
+yet merged are withdrawn and computed again. A car whose VehicleNode is deleted has its shards drained (stopped, resumed elsewhere) before the
 operator lets the VehicleNode go.
 """
 
@@ -95,6 +96,55 @@ async def test_a_car_that_returns_wrong_results_is_caught_loses_trust_and_gets_n
     assert status["phase"] == "Succeeded", status
     assert simulated.fleet.agents[LIAR].runs_started == runs, "the untrusted car got work"
     np.testing.assert_array_equal(next(iter(simulated.output("after").values())), expected)
+
+
+def _ledger(system: System, job: str) -> dict[int, dict[str, Any]]:
+    """The job's ledger (settled shards, in ConfigMaps it owns; see reconcile/shards.py)."""
+    uid = (system.job(job) or {}).get("metadata", {}).get("uid", "")
+    out: dict[int, dict[str, Any]] = {}
+    for cm in json.loads(system.kubectl("get", "configmaps", "-n", NS, "-o", "json").stdout)["items"]:
+        if cm["metadata"]["name"].startswith(f"fleetlet-ledger-{uid}-"):
+            out.update({int(k): v for k, v in json.loads(cm.get("data", {}).get("shards") or "{}").items()})
+    return out
+
+
+async def test_a_trusted_car_caught_lying_loses_the_results_it_alone_vouched_for_in_jobs_not_yet_merged(
+    simulated: System, artifacts: dict[str, Any]
+) -> None:
+    """Backtracking: an established car (a long run of valid results) works unreplicated and lies. Its wrong results
+    are accepted at first; once it is caught elsewhere, every result of a job not yet merged that rests on it alone
+    is withdrawn and run again, so the output is the honest one."""
+    for car in simulated.car_names():  # an established fleet; the liar's conviction above cleared by an admin
+        simulated.kubectl("patch", "vn", car, "--subresource=status", "--type=merge", "-p",
+                          json.dumps({"status": {"trust": {"validStreak": 1000, "untrusted": False}}}))
+    await until("the liar is no longer tainted untrusted",
+                lambda: "fleetlet.io/untrusted" not in _taints(simulated, LIAR), 30)
+    size = 200
+    simulated.submit("backtrack", artifacts["model"], artifacts["input"], ITEMS, shardSize=size, parallelism=6,
+                     verification={"replicas": 1, "quorum": 1, "spotCheckRate": 0.0})
+
+    def liar_accepted() -> list[int]:
+        return [i for i, e in _ledger(simulated, "backtrack").items() if e.get("c") == [LIAR]]
+
+    await until("the liar's wrong result is accepted unreplicated", liar_accepted, 120, interval_s=0.3)
+    simulated.kubectl("patch", "fleetjob", "backtrack", "-n", NS, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    assert simulated.status("backtrack").get("phase") != "Succeeded", "the job merged before the test could hold it"
+    # The liar is caught in another job, by a car of another owner that computed the same shard.
+    simulated.submit("catch", artifacts["model"], artifacts["input"], ITEMS, shardSize=1000, parallelism=6,
+                     verification={"replicas": 2, "quorum": 2})
+    await until("the liar loses trust", lambda: _trust(simulated, LIAR).get("untrusted") is True, 300)
+    await until("the held job withdraws what rested on the liar alone", lambda: not liar_accepted(), 60)
+    events = simulated.kubectl("get", "events", "-n", NS, "--field-selector",
+                               "involvedObject.kind=FleetJob,involvedObject.name=backtrack,reason=ResultWithdrawn").stdout
+    assert LIAR in events
+    assert simulated.operator_metric("fleetlet_operator_results_withdrawn_total") >= 1
+    simulated.kubectl("patch", "fleetjob", "backtrack", "-n", NS, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    status = await simulated.finished("backtrack", 300)
+    assert status["phase"] == "Succeeded", status
+    np.testing.assert_array_equal(next(iter(simulated.output("backtrack").values())),
+                                  honest_output(simulated, artifacts, size))
+    assert all(LIAR not in e.get("c", []) for e in _ledger(simulated, "backtrack").values())
+    assert (await simulated.finished("catch", 300))["phase"] == "Succeeded"
 
 
 async def test_deleting_a_cars_vehiclenode_drains_its_shards_before_it_goes(

@@ -537,6 +537,53 @@ def test_a_result_from_a_car_that_lost_trust_gets_the_replica_run_again_without_
     out = run(pods=[done(0, "car-u")])
     again = creates_of(out, 0)
     assert again and again[0].cause == "distrusted" and out.counts.failures == 0
+# ---- backtracking: a car caught lying loses the results it alone vouched for -----------------------------------
+
+
+def test_an_accepted_result_that_rests_on_a_car_that_lost_trust_is_withdrawn_and_the_shard_runs_again() -> None:
+    ledger = {0: LedgerEntry(accepted=D1, energy_kwh=0.5, cars=("car-u",), departures=1, attempts=3),
+              1: accepted(cars=("car-a",))}
+    out = run(make_job(items=20), ledger=ledger)
+    assert out.reopened == [0]
+    entry = out.ledger[0]
+    assert not entry.settled and entry.reopened == 1
+    assert entry.resume_of(0) == ResumePoint(None, Carried(0.5, 1), 3)  # what it cost stays counted
+    (again,) = creates_of(out, 0)
+    # From the start (the untrusted car's checkpoints are not trusted either), past every earlier pod's name.
+    assert (again.replica, again.attempt, again.resume) == (0, 3, None)
+    assert 1 not in out.ledger and creates_of(out, 1) == []  # a trusted car's result stands
+    assert (out.counts.verified, out.counts.energy_kwh) == (1, 0.5)
+    assert not out.complete
+    (event,) = [e for e in out.events if e.reason == "ResultWithdrawn"]
+    assert event.type == "Warning" and "car-u" in event.message and "shard 0" in event.message
+
+
+def test_a_result_also_vouched_for_by_a_trusted_car_is_not_withdrawn() -> None:
+    out = run(make_job(items=10, replicas=2, quorum=2), ledger={0: accepted(cars=("car-u", "car-b"))})
+    assert out.reopened == [] and out.complete
+
+
+def test_a_withdrawn_shard_whose_old_pod_still_shows_is_run_again_past_it() -> None:
+    ledger = {0: LedgerEntry(accepted=D1, cars=("car-u",), attempts=1)}
+    out = run(make_job(items=10), ledger=ledger, pods=[done(0, "car-u", deleting=True)])
+    (again,) = creates_of(out, 0)
+    assert (again.replica, again.attempt) == (0, 1)
+
+
+def test_a_withdrawn_replicated_shard_runs_every_replica_again_and_counts_its_energy_once() -> None:
+    ledger = {0: LedgerEntry(accepted=D1, energy_kwh=0.4, cars=("car-u",), attempts=2)}
+    out = run(make_job(items=10, replicas=2, quorum=1), ledger=ledger)
+    assert sorted((c.replica, c.attempt) for c in creates_of(out, 0)) == [(0, 2), (1, 2)]
+    assert out.counts.energy_kwh == pytest.approx(0.4)
+
+
+def test_an_accepted_entry_records_one_past_its_highest_attempt() -> None:
+    pods = [pod(0, 0, 0, "Failed", reason="CarLeftParked", checkpoint=ck(3)),
+            done(0, "car-a", attempt=1, resume=ck(3))]
+    out = run(make_job(items=10), pods=pods, cars={**CARS, "car-a": CarView(owner="owner-a", valid_streak=50)})
+    assert out.ledger[0].accepted == D1 and out.ledger[0].attempts == 2
+
+
 # (A pod that succeeded without a result digest never reaches the planner as Succeeded: the job controller turns
 # it into a failure, NoResult; see jobs._views.)
 
@@ -763,7 +810,8 @@ def test_the_same_inputs_give_the_same_plan() -> None:
     LedgerEntry(failed="OOMKilled: the shard failed (4 failures, retries: 3)", energy_kwh=2.5),
     LedgerEntry().with_resume(1, ResumePoint(ck(4), Carried(0.25, 2, ("car-a", "car-b")), 3))
                  .with_resume(0, ResumePoint(None, Carried(), 1)),
-], ids=["empty", "accepted", "failed", "resume-points"])
+    LedgerEntry(accepted=D1, cars=("car-a",), attempts=4, reopened=2),
+], ids=["empty", "accepted", "failed", "resume-points", "reopened"])
 def test_ledger_entries_round_trip_through_their_wire_format(entry: LedgerEntry) -> None:
     wire = json.loads(json.dumps(entry.wire()))  # what a ConfigMap's JSON gives back
     assert LedgerEntry.parse(wire) == entry

@@ -6,6 +6,7 @@ never sees a raw API object.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -130,6 +131,8 @@ class LedgerEntry:
     resume: tuple[tuple[int, ResumePoint], ...] = ()  # (replica, where it resumes) while unsettled
     departures: int = 0  # once settled: how often its cars drove off (free) ...
     failures: int = 0  # ... and how often it failed itself (retries spent)
+    attempts: int = 0  # once accepted: one past the highest pod attempt of any replica (a re-run starts there)
+    reopened: int = 0  # how often an accepted result was withdrawn because its cars lost trust
 
     @property
     def settled(self) -> bool:
@@ -141,8 +144,7 @@ class LedgerEntry:
     def with_resume(self, replica: int, point: ResumePoint | None) -> LedgerEntry:
         rest = tuple((r, p) for r, p in self.resume if r != replica)
         resume = tuple(sorted(rest + ((replica, point),))) if point is not None else rest
-        return LedgerEntry(self.accepted, self.failed, self.energy_kwh, self.cars, resume, self.departures,
-                           self.failures)
+        return dataclasses.replace(self, resume=resume)
 
     def wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -158,6 +160,10 @@ class LedgerEntry:
             out["d"] = self.departures
         if self.failures:
             out["f"] = self.failures
+        if self.attempts:
+            out["n"] = self.attempts
+        if self.reopened:
+            out["o"] = self.reopened
         if self.resume and not self.settled:
             out["r"] = {str(r): p.wire() for r, p in self.resume}
         return out
@@ -166,7 +172,7 @@ class LedgerEntry:
     def parse(cls, body: dict[str, Any]) -> LedgerEntry:
         resume = tuple(sorted((int(r), ResumePoint.parse(p)) for r, p in (body.get("r") or {}).items()))
         return cls(body.get("a"), body.get("x"), float(body.get("e", 0.0)), tuple(body.get("c") or ()), resume,
-                   int(body.get("d", 0)), int(body.get("f", 0)))
+                   int(body.get("d", 0)), int(body.get("f", 0)), int(body.get("n", 0)), int(body.get("o", 0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +230,7 @@ class Plan:
     trust: list[TrustVerdict] = field(default_factory=list)
     events: list[JobEvent] = field(default_factory=list)
     compare: list[int] = field(default_factory=list)  # shards whose results must be classified first
+    reopened: list[int] = field(default_factory=list)  # accepted shards withdrawn: their cars lost trust
     counts: Counts = field(default_factory=Counts)
     failed: tuple[str, str] | None = None  # (reason, message): the job fails
     complete: bool = False  # every shard accepted: merge the output

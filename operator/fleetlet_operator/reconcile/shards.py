@@ -101,6 +101,9 @@ def plan(inp: JobInputs) -> Plan:
             out.deletes += [p.name for p in inp.pods.get(i, ()) if p.phase != "Gone"]
             continue
         entry = inp.ledger.get(i, LedgerEntry())
+        reopened = _reopen(inp, i, entry, out)
+        if reopened is not None:
+            entry = reopened
         if entry.settled:
             _count_settled(inp, i, entry, out)
             if entry.failed is not None:  # settled failed, but the job's status may not say so yet (a crash)
@@ -157,6 +160,28 @@ def plan(inp: JobInputs) -> Plan:
 def _unstarted(inp: JobInputs, started: Sequence[int]) -> Iterator[int]:
     seen = set(started)
     return (i for i in range(inp.total_shards) if i not in seen)
+
+
+def _reopen(inp: JobInputs, i: int, entry: LedgerEntry, out: Plan) -> LedgerEntry | None:
+    """Withdraw an accepted result that rests on cars which have all lost trust since (backtracking, as in
+    Sarmenta's spot-checking: a car caught lying once is presumed to have lied before). The shard runs again
+    from the start, past every earlier attempt's pod name; what it already cost stays counted. Only a job that is
+    not merged yet is re-planned, so a withdrawn result never reaches an output."""
+    if entry.accepted is None or not entry.cars:
+        return None
+    if not all((car := inp.cars.get(name)) is not None and car.untrusted for name in entry.cars):
+        return None
+    first = max([entry.attempts, *(p.attempt + 1 for p in inp.pods.get(i, ()))])
+    points = tuple((r, ResumePoint(None, Carried(entry.energy_kwh, entry.departures) if r == 0 else Carried(),
+                                   first))
+                   for r in range(inp.job.spec.verification.replicas))
+    reopened = LedgerEntry(resume=points, reopened=entry.reopened + 1)
+    out.ledger[i] = reopened
+    out.reopened.append(i)
+    out.events.append(JobEvent("Warning", "ResultWithdrawn",
+                               f"shard {i}: its accepted result came from {', '.join(entry.cars)} alone, which "
+                               "has since lost trust; the shard runs again on other cars"))
+    return reopened
 
 
 def _count_settled(inp: JobInputs, i: int, entry: LedgerEntry, out: Plan) -> None:
@@ -320,8 +345,11 @@ class _Shard:
                         f"shard {self.i}: the result of {', '.join(contributors)} disagreed with "
                         f"{len(winners)} other cars; it was rejected and the car loses trust"))
         energy = self._energy()
+        attempts = max([p.attempt + 1 for p in self.pods]
+                       + [pt.next_attempt for _, pt in (*self.entry.resume, *self.new_entry.resume)])
         self.new_entry = LedgerEntry(accepted=digest, energy_kwh=energy, cars=tuple(p.node for _, p in winners),
-                                     departures=self._departures(), failures=len(self.failures))
+                                     departures=self._departures(), failures=len(self.failures),
+                                     attempts=attempts, reopened=self.entry.reopened)
         self.out.ledger[self.i] = self.new_entry
         self.out.deletes += [p.name for p in self.pods if p.phase != "Gone" and not p.deleting]
         self.settled = True
