@@ -9,6 +9,7 @@ from typing import Any
 
 from fleetlet_operator.kube import project_node, project_vehiclenode
 from fleetlet_operator.metrics import OperatorMetrics
+from fleetlet_operator.reconcile.model import TrustVerdict
 from fleetlet_operator.vehicles import VehicleController
 from prometheus_client import CollectorRegistry
 
@@ -60,3 +61,11 @@ def test_a_node_that_stops_being_ready_marks_the_car_lost_since_then_whichever_i
     ctl._node_changed(Change("MODIFIED", "car-1", node("car-1", "True")))
     ctl._node_changed(Change("DELETED", "car-2", node("car-2", "False")))
     assert ctl.cars()["car-1"].lost_since is None and ctl.cars()["car-2"].lost_since is None
+
+
+def test_a_job_is_told_to_wait_while_a_rejected_result_of_one_of_its_cars_is_still_to_be_recorded() -> None:
+    ctl, _, _ = controller()
+    ctl.record([TrustVerdict("car-1", True, True, 0), TrustVerdict("car-2", False, True, 1)])
+    assert ctl.judging(["car-2", "car-3"])
+    assert not ctl.judging(["car-1", "car-3"])  # a valid verdict costs nothing: no reason to hold a merge
+    assert not ctl.judging([])
