@@ -19,7 +19,9 @@ then the shard (and the job) fails with its reason. Results are accepted when ``
 cars and different owners agree. A shard run on one car (``replicas: 1``) is audited on a second car with BOINC's
 adaptive replication: always while the car's run of valid results is shorter than ``trust_streak``, later with
 probability max(``spotCheckRate``, 1/streak); the roll is a hash of (job, shard), so a restart decides the same.
-Cars whose results lose a vote lose trust; a tie gets another replica, up to ``max_extra_replicas``.
+Cars whose results lose a vote lose trust; a tie gets another replica, up to ``max_extra_replicas``. A car that
+loses trust also loses the accepted results it alone vouched for while the job is not merged yet (``_reopen``):
+they are withdrawn and computed again on other cars.
 """
 
 from __future__ import annotations
