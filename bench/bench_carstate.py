@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import follow, histogram_quantile, machine, proc_cpu_seconds, proc_rss_mib
+from benchlib import follow, histogram_quantile, machine, proc_cpu_seconds, proc_rss_mib, prom_labels
 from fleetlet_car.link import CarLink, CarLinkConfig, Command, car_ssl_context
 from fleetlet_car.reflex import SafetyReflex
 from fleetlet_car.sim import SimulatedFleet, SimulatedVehicle, make_vehicle_specs
@@ -266,21 +266,12 @@ def apiserver_metrics(cluster: LocalCluster) -> str:
     return urllib.request.urlopen(f"{cluster.server}/metrics", context=ctx, timeout=30).read().decode()
 
 
-def _labels(line: str) -> dict[str, str]:
-    inner = line.split("{", 1)[1].rsplit("}", 1)[0]
-    out = {}
-    for part in inner.split('",'):
-        k, _, v = part.partition('="')
-        out[k.strip()] = v.rstrip('"')
-    return out
-
-
 def apiserver_writes(text: str) -> Counter[str]:
     """Mutating requests by "verb resource[/subresource]", as the API server counts them (every client)."""
     out: Counter[str] = Counter()
     for line in text.splitlines():
         if line.startswith("apiserver_request_total{"):
-            lab = _labels(line)
+            lab = prom_labels(line)
             if lab.get("verb") in MUTATING:
                 res = lab.get("resource", "") + ("/" + lab["subresource"] if lab.get("subresource") else "")
                 out[f"{lab['verb']} {res}"] += float(line.rsplit(" ", 1)[1])
@@ -293,7 +284,7 @@ def apiserver_latency(text0: str, text1: str, verb: str, resource: str, q: float
         out: dict[float, float] = {}
         for line in text.splitlines():
             if line.startswith("apiserver_request_duration_seconds_bucket{"):
-                lab = _labels(line)
+                lab = prom_labels(line)
                 if lab.get("verb") == verb and lab.get("resource") == resource and not lab.get("subresource"):
                     le = float("inf") if lab["le"] == "+Inf" else float(lab["le"])
                     out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -309,7 +300,7 @@ def flow_control(text0: str, text1: str) -> dict[str, dict[str, Any]]:
     """API Priority and Fairness between two scrapes, per priority level that dispatched requests: how many,
     how long they queued in the API server before running (p50/p99 bucket bounds), how many were rejected."""
     def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-        return [(_labels(line), float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+        return [(prom_labels(line), float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
                 if line.startswith(name + "{")]
 
     def totals(text: str, name: str) -> Counter[str]:
@@ -347,7 +338,7 @@ def shim_writes(m0: dict[str, float], m1: dict[str, float]) -> Counter[str]:
     out: Counter[str] = Counter()
     for key, value in m1.items():
         if key.startswith("fleetlet_shim_api_calls_total{"):
-            lab = _labels(key)
+            lab = prom_labels(key)
             if lab["verb"] in MUTATING:
                 delta = value - m0.get(key, 0.0)
                 if delta:
@@ -575,7 +566,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             m = await asyncio.to_thread(shim_metrics, shim)
             for key, v in m.items():
                 if key.startswith("fleetlet_shim_controller_queue_ready{"):
-                    queue_peak[_labels(key)["controller"]] = max(queue_peak.get(_labels(key)["controller"], 0), v)
+                    queue_peak[prom_labels(key)["controller"]] = max(queue_peak.get(prom_labels(key)["controller"], 0), v)
             if m.get('fleetlet_shim_pods{phase="Failed"}', 0) + m.get('fleetlet_shim_pods{phase="Running"}', 0) == 0 \
                     and time.monotonic() - start > 5:
                 break

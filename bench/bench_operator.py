@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import follow, machine
+from benchlib import follow, machine, prom_labels
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "operator.json"
@@ -165,22 +165,11 @@ def parse_prom(text: str) -> dict[str, float]:
     return out
 
 
-def labels_of(key: str) -> dict[str, str]:
-    if "{" not in key:
-        return {}
-    inner = key.split("{", 1)[1].rsplit("}", 1)[0]
-    out = {}
-    for part in inner.split('",'):
-        k, _, v = part.partition('="')
-        out[k.strip()] = v.rstrip('"')
-    return out
-
-
 def prom_sum(m: dict[str, float], name: str, **want: str) -> float:
     total = 0.0
     for key, value in m.items():
         if key == name or key.startswith(name + "{"):
-            lab = labels_of(key)
+            lab = prom_labels(key)
             if all(lab.get(k) == v for k, v in want.items()):
                 total += value
     return total
@@ -193,7 +182,7 @@ def prom_quantile(m1: dict[str, float], name: str, q: float, m0: dict[str, float
     buckets: dict[float, float] = defaultdict(float)
     for key, value in m1.items():
         if key.startswith(name + "_bucket{"):
-            lab = labels_of(key)
+            lab = prom_labels(key)
             if all(lab.get(k) == v for k, v in want.items()):
                 le = float("inf") if lab["le"] == "+Inf" else float(lab["le"])
                 buckets[le] += value - (m0 or {}).get(key, 0.0)
@@ -229,7 +218,7 @@ def apiserver_writes(m0: dict[str, float], m1: dict[str, float]) -> dict[str, fl
     out: Counter[str] = Counter()
     for key, value in m1.items():
         if key.startswith("apiserver_request_total{"):
-            lab = labels_of(key)
+            lab = prom_labels(key)
             if lab.get("verb") in MUTATING:
                 res = lab.get("resource", "") + ("/" + lab["subresource"] if lab.get("subresource") else "")
                 out[f"{lab['verb']} {res}"] += value - m0.get(key, 0.0)
@@ -244,7 +233,7 @@ def apiserver_latency(m0: dict[str, float], m1: dict[str, float], verb: str, res
         buckets: dict[float, float] = defaultdict(float)
         for key, value in m1.items():
             if key.startswith("apiserver_request_duration_seconds_bucket{"):
-                lab = labels_of(key)
+                lab = prom_labels(key)
                 if (lab.get("verb") == verb and lab.get("resource") == resource
                         and lab.get("subresource", "") == subresource):
                     le = float("inf") if lab["le"] == "+Inf" else float(lab["le"])
@@ -261,7 +250,7 @@ def mutating_p99(m0: dict[str, float], m1: dict[str, float], q: float = 0.99) ->
     buckets: dict[float, float] = defaultdict(float)
     for key, value in m1.items():
         if key.startswith("apiserver_request_duration_seconds_bucket{"):
-            lab = labels_of(key)
+            lab = prom_labels(key)
             if lab.get("verb") in MUTATING:
                 le = float("inf") if lab["le"] == "+Inf" else float(lab["le"])
                 buckets[le] += value - m0.get(key, 0.0)

@@ -39,6 +39,18 @@ def proc_rss_mib(pid: int) -> float:
     return 0.0
 
 
+def prom_labels(key: str) -> dict[str, str]:
+    """The labels of one Prometheus sample (``name{a="x",b="y"} 1`` or its key): ``{"a": "x", "b": "y"}``."""
+    if "{" not in key:
+        return {}
+    inner = key.split("{", 1)[1].rsplit("}", 1)[0]
+    out = {}
+    for part in inner.split('",'):
+        k, _, v = part.partition('="')
+        out[k.strip()] = v.rstrip('"')
+    return out
+
+
 def histogram_quantile(metrics: dict[str, float], name: str, q: float, labels: str = "",
                        since: dict[str, float] | None = None) -> float | None:
     """Upper bucket bound holding quantile ``q``; with ``since``, of the observations after that scrape only."""
