@@ -7,12 +7,18 @@ if it is added meanwhile it is processed once more afterwards (nothing is lost, 
 schedules it after an exponential, jittered, capped delay that grows with the key's consecutive failures until
 ``forget`` resets them.
 
+Waking: a worker waiting in ``get`` is woken only when there is a key for it, one worker per ready key (a wake
+that every waiter shares turns each add into as many task switches as there are workers: at 5,000 cars and one
+Lease renewal per car every 25 s that was a quarter of the shim's CPU). Delayed keys share one timer, set for the
+earliest due time.
+
 Single event loop only; never blocks the loop; keeps no state outside the instance.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import random
@@ -48,7 +54,9 @@ class WorkQueue:
         self._due: dict[str, float] = {}  # the one live schedule of each delayed key
         self._seq = itertools.count()
         self._failures: dict[str, int] = {}
-        self._wakeup = asyncio.Event()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = float("inf")
         self._closed = False
 
     # ---- adding ------------------------------------------------------------------------------------------
@@ -64,7 +72,7 @@ class WorkQueue:
             return
         self._queued.add(key)
         self._ready.append(key)
-        self._wakeup.set()
+        self._wake_one()
 
     def add_after(self, key: str, delay_s: float) -> None:
         if delay_s <= 0:
@@ -78,7 +86,8 @@ class WorkQueue:
             return
         self._due[key] = due
         heapq.heappush(self._delayed, (due, next(self._seq), key))
-        self._wakeup.set()
+        if due < self._timer_due:
+            self._arm(due)
 
     def add_backoff(self, key: str) -> float:
         """Schedule ``key`` after its backoff delay (one more failure); returns the delay."""
@@ -103,19 +112,23 @@ class WorkQueue:
         while True:
             if self._closed:
                 raise QueueShutDown(self.name)
-            self._promote(loop.time())
+            if self._delayed and self._delayed[0][0] <= loop.time():
+                self._promote(loop.time())
             if self._ready:
                 key = self._ready.popleft()
                 self._queued.discard(key)
                 self._processing.add(key)
                 return key
-            self._wakeup.clear()
-            timeout = self._delayed[0][0] - loop.time() if self._delayed else None
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
             try:
-                async with asyncio.timeout(timeout):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                pass
+                await waiter
+            except asyncio.CancelledError:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                if waiter.done() and not waiter.cancelled() and self._ready:
+                    self._wake_one()  # this worker was woken for a key it will not take: pass it on
+                raise
 
     def done(self, key: str) -> None:
         self._processing.discard(key)
@@ -125,7 +138,13 @@ class WorkQueue:
 
     def shut_down(self) -> None:
         self._closed = True
-        self._wakeup.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     # ---- looking -----------------------------------------------------------------------------------------
 
@@ -152,10 +171,37 @@ class WorkQueue:
             elif key not in self._queued:
                 self._queued.add(key)
                 self._ready.append(key)
+                self._wake_one()
         # Drop stale heap entries lazily but keep the heap from growing without bound under churn.
         if len(heap) > 4 * len(self._due) + 1024:
             self._delayed = [e for e in heap if self._due.get(e[2]) == e[0]]
             heapq.heapify(self._delayed)
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _arm(self, due: float) -> None:
+        """Fire ``_on_timer`` at ``due`` (replacing a later timer)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = asyncio.get_running_loop().call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_due = float("inf")
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._promote(loop.time())
+        while self._delayed and self._due.get(self._delayed[0][2]) != self._delayed[0][0]:
+            heapq.heappop(self._delayed)  # superseded schedules: do not wake up for them
+        if self._delayed:
+            self._arm(self._delayed[0][0])
 
 
 class QueueShutDown(Exception):

@@ -81,6 +81,12 @@ class LocalCluster:
     node_monitor_grace_period_s: int = 50
     node_monitor_period_s: int = 5
     detach: bool = False
+    # Client-side rate limits of the scheduler and the controller-manager (their defaults are 50 and 20 QPS).
+    # Every placement is one binding call, so the scheduler's default caps a FleetJob at ~50 shards/s; every
+    # NoExecute eviction of a driving car's pod is one delete by the controller-manager. A fleet's control plane
+    # raises both, as large clusters do; the API server's priority and fairness still bounds what they get.
+    scheduler_api_qps: int = 500
+    controller_manager_api_qps: int = 200
     extra_apiserver_args: list[str] = field(default_factory=list)
     components: list[Component] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
@@ -369,12 +375,22 @@ class LocalCluster:
                 f"--node-monitor-period={self.node_monitor_period_s}s",
                 f"--node-monitor-grace-period={self.node_monitor_grace_period_s}s",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--kube-api-qps={self.controller_manager_api_qps}",
+                f"--kube-api-burst={2 * self.controller_manager_api_qps}",
             ],
         )
 
     def _start_scheduler(self) -> None:
         assert self.binaries
-        self._spawn("kube-scheduler", [self.binaries["kube-scheduler"], *self._component_common("scheduler")])
+        self._spawn(
+            "kube-scheduler",
+            [
+                self.binaries["kube-scheduler"],
+                *self._component_common("scheduler"),
+                f"--kube-api-qps={self.scheduler_api_qps}",
+                f"--kube-api-burst={2 * self.scheduler_api_qps}",
+            ],
+        )
 
     def _wait(self, probe: object, name: str, deadline: float) -> None:
         assert callable(probe)

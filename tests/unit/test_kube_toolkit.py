@@ -84,6 +84,37 @@ async def test_get_waits_for_a_scheduled_key_and_shut_down_releases_waiters() ->
         await asyncio.wait_for(waiter, 1.0)
 
 
+async def test_each_ready_key_wakes_one_waiting_worker_and_a_cancelled_worker_passes_its_key_on() -> None:
+    q = WorkQueue()
+    waiting = [asyncio.create_task(q.get()) for _ in range(8)]
+    await asyncio.sleep(0)
+    q.add("a")
+    await asyncio.sleep(0)
+    woken = [t for t in waiting if t.done()]
+    assert [t.result() for t in woken] == ["a"], "one key wakes one worker"
+    # A worker woken for a key but cancelled before it takes it must not take the key with it.
+    q.add("b")
+    target = next(t for t in waiting if not t.done())
+    target.cancel()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    taken = [t.result() for t in waiting if t.done() and not t.cancelled()]
+    assert sorted(taken) == ["a", "b"], taken
+    q.shut_down()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_many_scheduled_keys_share_one_timer_and_come_out_in_due_order() -> None:
+    q = WorkQueue()
+    dues = {f"k{i}": 0.01 * ((i * 7) % 20) + 0.01 for i in range(20)}
+    for key, delay in dues.items():
+        q.add_after(key, delay)
+    q.add_after("k3", 0.5)  # a later schedule of a key already due sooner is ignored
+    got = [await asyncio.wait_for(q.get(), 1.0) for _ in dues]
+    assert got == sorted(dues, key=lambda k: (dues[k], int(k[1:]))), got
+    assert q.scheduled == 0
+
+
 # ---- controller -----------------------------------------------------------------------------------------------
 
 
