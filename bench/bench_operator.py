@@ -1038,7 +1038,10 @@ class Bench:
                                                      s0, result="scheduled"),
                 "pod_scheduling_sli_seconds_p99": prom_quantile(s1, "scheduler_pod_scheduling_sli_duration_seconds",
                                                                 0.99, s0),
-                "client_qps_limit": self.out.get("scheduler_client_qps", "50 (kube-scheduler default)"),
+                "client_qps_limit": self.out.get(
+                    "scheduler_client_qps",
+                    f"{self.cluster.scheduler_api_qps} (the embedded control plane's --kube-api-qps; "
+                    "kube-scheduler's default is 50)"),
             },
             "operator": {
                 "pods_created": round(prom_sum(o1, "fleetlet_operator_pods_created_total")

@@ -29,7 +29,7 @@ class ShimSettings:
     stop_resend_s: float = 15.0  # a stop the car has not acted on is sent again after this long
     deletion_slack_s: float = 10.0  # after a deletion's grace, a car that never confirmed is not waited for
     workers: dict[str, int] = field(default_factory=lambda: {
-        "leases": 48, "nodes": 8, "carstate": 64, "pods": 32, "telemetry": 8, "events": 2,
+        "leases": 48, "nodes": 32, "carstate": 64, "pods": 32, "telemetry": 8, "events": 2,
     })  # API writes in flight per controller; their sum bounds the connection pool
 
     @property

@@ -813,7 +813,7 @@ async def test_kubectl_shows_connected_schedulable_the_reason_taints_and_aggrega
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {counts}") from None
         events = shim_events()
-        assert set(events) == {"Registered", "Unplugged", "ReadyForWork"}, sorted(events)  # 17+ changes, 3 Events
+        assert set(events) == {"Unplugged", "ReadyForWork"}, sorted(events)  # 17+ changes, 2 Events
         assert events["Unplugged"]["type"] == "Warning"
 
         described = await kubectl(crds_installed, "describe", "node", name)
