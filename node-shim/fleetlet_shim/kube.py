@@ -106,9 +106,6 @@ def project_vehiclenode(vn: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-SAFETY_FIRST_S = 2.0  # how long a pod's final status waits for taint writes in flight, at most
-
-
 class UrgentWrites:
     """Which writes go first when the API server is the bottleneck.
 
@@ -155,9 +152,6 @@ class ShimApi:
         self.kube = kube
         self.namespace = namespace
         self.urgent = UrgentWrites()
-        # The first of the urgent writes: a taint that keeps the scheduler off a car (or evicts its pods) goes
-        # before the pod statuses of the same burst, which wait for taints in flight at most SAFETY_FIRST_S.
-        self.safety = UrgentWrites()
 
     # ---- informers -----------------------------------------------------------------------------------------
 
@@ -204,7 +198,7 @@ class ShimApi:
         if annotations:
             meta["annotations"] = annotations
         body = {"metadata": meta, "spec": {"taints": taints, "unschedulable": unschedulable or None}}
-        async with self.safety.hold(), self.urgent.hold():  # the scheduler and taint-eviction controller act on it
+        async with self.urgent.hold():  # the scheduler and the taint-eviction controller act on it
             return await self.kube.patch(resource_path("v1", "nodes", name=name), body, content_type=MERGE,
                                          fieldManager=FIELD_MANAGER)
 
@@ -246,7 +240,6 @@ class ShimApi:
             await self.kube.patch(path, body, content_type=STRATEGIC)
             return
         async with self.urgent.hold():
-            await self.safety.quiet(SAFETY_FIRST_S)
             await self.kube.patch(path, body, content_type=STRATEGIC)
 
     @uses("", "pods", "delete")

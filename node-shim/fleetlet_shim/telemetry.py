@@ -33,7 +33,7 @@ def rounded(telemetry: dict[str, Any]) -> dict[str, Any]:
             for k, v in telemetry.items()}
 
 
-MIRROR_DEFERRAL_S = 5.0  # how long a VehicleNode status write waits for urgent writes in flight, at most
+MIRROR_DEFERRAL_S = 2.0  # how long a VehicleNode status write waits for urgent writes in flight, at most
 
 
 class TelemetryMirror:
@@ -79,7 +79,7 @@ class TelemetryMirror:
         if written is not None and not urgent and elapsed < self.settings.telemetry_min_interval_s:
             return Requeue(after=self.settings.telemetry_min_interval_s - elapsed)
         # The mirror is for people and the operator; the scheduler reads the Node. When cars change state in a
-        # burst, their taint writes go first (the status is written at most MIRROR_DEFERRAL_S later).
+        # burst, their taint writes go first (the status is written at most a couple of seconds later).
         await self.api.urgent.quiet(MIRROR_DEFERRAL_S)
         self._urgent.discard(name)
         try:

@@ -291,29 +291,3 @@ async def test_routine_writes_wait_for_urgent_ones_but_never_longer_than_allowed
     assert 0.15 < time.monotonic() - t0 < 1.0
     release.set()
     await stuck
-
-
-async def test_in_a_burst_a_taint_write_goes_before_a_pod_final_status_and_both_before_routine_writes() -> None:
-    class Kube:
-        def __init__(self) -> None:
-            self.sent: list[str] = []
-            self.taint_done = asyncio.Event()
-
-        async def patch(self, path: str, body: Any, **_: Any) -> dict[str, Any]:
-            self.sent.append(path)
-            if path.endswith("/nodes/car-1"):
-                await self.taint_done.wait()  # the API server is slow with the taint
-            return {}
-
-    fake = Kube()
-    api = kube.ShimApi(fake, "fleetlet-system")  # type: ignore[arg-type]
-    taint = asyncio.create_task(api.patch_node("car-1", "7", {}, {}, [], False))
-    await asyncio.sleep(0)
-    final = asyncio.create_task(api.patch_pod_status("ns", "pod-1", "uid-1", {"phase": "Failed"}, urgent=True))
-    routine = asyncio.create_task(api.urgent.quiet(5.0))
-    await asyncio.sleep(0.05)
-    assert fake.sent == ["/api/v1/nodes/car-1"], fake.sent  # the pod's status waits for the taint in flight
-    assert not routine.done()
-    fake.taint_done.set()
-    await asyncio.wait_for(asyncio.gather(taint, final, routine), 2.0)
-    assert fake.sent == ["/api/v1/nodes/car-1", "/api/v1/namespaces/ns/pods/pod-1/status"], fake.sent
