@@ -50,6 +50,10 @@ class VehicleController:
             nodes.add_handler(self._node_changed)
         self._verdicts: dict[str, list[TrustVerdict]] = defaultdict(list)
         self._applying: set[str] = set()  # cars whose rejected results are being written to their VehicleNode
+        # Cars this process marked untrusted whose VehicleNode, as the informer shows it, does not say so yet: an
+        # older version (the shim's telemetry write before ours) must not make the car look trusted again while
+        # a job re-plans to withdraw its results. Cleared once the informer shows the car untrusted.
+        self._untrusted_unseen: set[str] = set()
         self._on_untrusted: Callable[[str], None] | None = None
         pods.add_index("node", lambda p: [p["spec"]["nodeName"]] if p["spec"]["nodeName"] else [])
         vehiclenodes.add_handler(self._changed)
@@ -79,11 +83,18 @@ class VehicleController:
         name = change.key
         if change.type == "DELETED":
             self._cars.pop(name, None)
+            self._untrusted_unseen.discard(name)
             return
         obj = change.obj
         trust = obj["status"].get("trust") or {}
+        untrusted = bool(trust.get("untrusted", False))
+        if name in self._untrusted_unseen:
+            if untrusted:
+                self._untrusted_unseen.discard(name)  # our write is in: from here on the API is the authority
+            else:
+                untrusted = True
         self._cars[name] = CarView(owner=obj["spec"]["owner"]["id"], valid_streak=int(trust.get("validStreak", 0)),
-                                   untrusted=bool(trust.get("untrusted", False)), lost_since=self._lost.get(name))
+                                   untrusted=untrusted, lost_since=self._lost.get(name))
         meta = obj["metadata"]
         if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
             self.controller.enqueue(name)
@@ -182,6 +193,8 @@ class VehicleController:
             raise
         self._cars[car] = CarView(owner=self._cars.get(car, CarView(owner="")).owner, valid_streak=streak,
                                   untrusted=untrusted, lost_since=self._lost.get(car))
+        if untrusted and not (vn["status"].get("trust") or {}).get("untrusted", False):
+            self._untrusted_unseen.add(car)
         if untrusted and self._on_untrusted is not None:
             self._on_untrusted(car)
 

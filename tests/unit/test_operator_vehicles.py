@@ -69,3 +69,31 @@ def test_a_job_is_told_to_wait_while_a_rejected_result_of_one_of_its_cars_is_sti
     assert ctl.judging(["car-2", "car-3"])
     assert not ctl.judging(["car-1", "car-3"])  # a valid verdict costs nothing: no reason to hold a merge
     assert not ctl.judging([])
+
+
+async def test_a_car_caught_lying_stays_untrusted_while_the_informer_still_shows_an_older_vehiclenode() -> None:
+    class Api:
+        async def patch_trust(self, name: str, trust: dict[str, Any]) -> None:
+            self.written = trust
+
+    ctl, _, _ = controller()
+    ctl.api = Api()  # type: ignore[assignment]
+    lost: list[str] = []
+    ctl.on_untrusted(lost.append)
+    older = vehiclenode("car-1")
+    ctl.vehiclenodes._store["car-1"] = older
+    ctl._changed(Change("ADDED", "car-1", older))
+    ctl.record([TrustVerdict("car-1", False, True, 7)])
+    await ctl._apply_trust("car-1")
+    assert lost == ["car-1"] and ctl.cars()["car-1"].untrusted
+    # The shim's telemetry write from before ours reaches the informer after it: the car must not look trusted
+    # again, or a job re-planning now would keep the liar's results and merge them.
+    ctl._changed(Change("MODIFIED", "car-1", older))
+    assert ctl.cars()["car-1"].untrusted
+    caught = vehiclenode("car-1")
+    caught["status"]["trust"] = {"untrusted": True, "validStreak": 0}
+    ctl._changed(Change("MODIFIED", "car-1", caught))
+    assert ctl.cars()["car-1"].untrusted
+    # From then on the API is the authority: an administrator clearing the flag is obeyed.
+    ctl._changed(Change("MODIFIED", "car-1", older))
+    assert not ctl.cars()["car-1"].untrusted
