@@ -170,7 +170,7 @@ class VehicleController:
     async def _write_trust(self, car: str, vn: dict[str, Any], verdicts: list[TrustVerdict]) -> None:
         trust: dict[str, Any] = dict(vn["status"].get("trust") or {})
         streak, valid, invalid = (int(trust.get(k, 0)) for k in ("validStreak", "validTotal", "invalidTotal"))
-        untrusted = bool(trust.get("untrusted", False))
+        was_untrusted = untrusted = bool(trust.get("untrusted", False))
         message = str(trust.get("message", ""))
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         for v in verdicts:
@@ -193,10 +193,10 @@ class VehicleController:
             raise
         self._cars[car] = CarView(owner=self._cars.get(car, CarView(owner="")).owner, valid_streak=streak,
                                   untrusted=untrusted, lost_since=self._lost.get(car))
-        if untrusted and not (vn["status"].get("trust") or {}).get("untrusted", False):
+        if untrusted and not was_untrusted:  # only on the loss of trust: the jobs re-plan once, not per verdict
             self._untrusted_unseen.add(car)
-        if untrusted and self._on_untrusted is not None:
-            self._on_untrusted(car)
+            if self._on_untrusted is not None:
+                self._on_untrusted(car)
 
 
 def _not_ready_since(node: dict[str, Any]) -> datetime | None:
